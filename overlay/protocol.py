@@ -1,0 +1,161 @@
+"""The rendezvous session protocol: msgpack maps over a WebSocket (binary frames).
+
+Message types are an enum and each one's fields are declared once, in ``SCHEMA``; ``decode``
+checks a received frame against it and fails with a precise ``ProtocolError``.
+
+    server -> peer   challenge {nonce, server, version}
+    peer   -> server join      {public_key, signature, job, addrs, meta}
+                               signature = sign(DOMAIN_RENDEZVOUS_AUTH + nonce + job)
+    server -> peer   welcome   {peer_id, observed_ip, reachable_addrs, members, ttl,
+                                heartbeat_interval, ice_servers}
+    server -> peer   joined    {member}            (pushed, no polling)
+    server -> peer   left      {peer_id, reason}   (reason: leave | expired | replaced)
+    peer   -> server heartbeat {}
+    peer   -> server report    {epoch, metrics}    (shown by GET /peers)
+    peer   -> server leave     {}
+    server -> peer   error     {code, message}
+
+A member is {peer_id, public_key, addrs, meta, joined_at}; ``addrs`` only ever holds ZeroMQ
+addresses that the rendezvous dialed back and got a signed answer from.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any
+
+import msgpack
+
+from overlay.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_ADDRS = 8
+MAX_META_ITEMS = 32
+MAX_STR = 256
+JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADDR_RE = re.compile(r"^tcp://[A-Za-z0-9.\-\[\]:]{1,200}:\d{1,5}$")
+
+
+class MsgType(enum.StrEnum):
+    CHALLENGE = "challenge"
+    JOIN = "join"
+    WELCOME = "welcome"
+    JOINED = "joined"
+    LEFT = "left"
+    HEARTBEAT = "heartbeat"
+    REPORT = "report"
+    LEAVE = "leave"
+    ERROR = "error"
+
+
+class ErrorCode(enum.StrEnum):
+    MALFORMED = "malformed"  # not msgpack, not a map, unknown type, wrong field types
+    TOO_LARGE = "too_large"
+    BAD_SIGNATURE = "bad_signature"
+    BAD_STATE = "bad_state"  # e.g. heartbeat before join
+    BAD_JOB = "bad_job"
+    RATE_LIMITED = "rate_limited"
+
+
+# Messages a peer may send, by type: field -> allowed Python types.
+_SCALAR = (int, float, str, bool)
+SCHEMA: dict[MsgType, dict[str, tuple[type, ...]]] = {
+    MsgType.JOIN: {
+        "public_key": (bytes,),
+        "signature": (bytes,),
+        "job": (str,),
+        "addrs": (list,),
+        "meta": (dict,),
+    },
+    MsgType.HEARTBEAT: {},
+    MsgType.REPORT: {"epoch": (int,), "metrics": (dict,)},
+    MsgType.LEAVE: {},
+    # server -> peer (checked by the client)
+    MsgType.CHALLENGE: {"nonce": (bytes,), "server": (str,), "version": (int,)},
+    MsgType.WELCOME: {
+        "peer_id": (str,),
+        "observed_ip": (str,),
+        "reachable_addrs": (list,),
+        "members": (list,),
+        "ttl": (int, float),
+        "heartbeat_interval": (int, float),
+        "ice_servers": (list,),
+    },
+    MsgType.JOINED: {"member": (dict,)},
+    MsgType.LEFT: {"peer_id": (str,), "reason": (str,)},
+    MsgType.ERROR: {"code": (str,), "message": (str,)},
+}
+
+
+def encode(msg_type: MsgType, **fields: Any) -> bytes:
+    """Pack one message. Fields are not checked here: the sender builds them."""
+    return msgpack.packb({"type": msg_type.value, **fields}, use_bin_type=True)
+
+
+def decode(data: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[MsgType, dict[str, Any]]:
+    """Unpack and check one message; raise ProtocolError with a precise reason otherwise."""
+    if isinstance(data, str):
+        raise ProtocolError(ErrorCode.MALFORMED, "text frame; messages are binary msgpack")
+    if len(data) > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(data)} bytes > {max_bytes}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=1024,
+            max_map_len=256,
+        )
+    except Exception as exc:  # msgpack raises many types; all mean "malformed"
+        raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "message is not a map")
+    raw_type = obj.pop("type", None)
+    try:
+        msg_type = MsgType(raw_type)
+    except ValueError:
+        raise ProtocolError(ErrorCode.MALFORMED, f"unknown message type {raw_type!r}") from None
+    for name, types in SCHEMA[msg_type].items():
+        if name not in obj:
+            raise ProtocolError(ErrorCode.MALFORMED, f"{msg_type.value}: missing field {name!r}")
+        value = obj[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"{msg_type.value}.{name}: expected {'/'.join(t.__name__ for t in types)}, "
+                f"got {type(value).__name__}",
+            )
+    return msg_type, obj
+
+
+def check_job(job: str) -> str:
+    if not JOB_RE.match(job):
+        raise ProtocolError(ErrorCode.BAD_JOB, f"job name {job[:80]!r} must match {JOB_RE.pattern}")
+    return job
+
+
+def check_addrs(addrs: list[Any]) -> list[str]:
+    if len(addrs) > MAX_ADDRS:
+        raise ProtocolError(ErrorCode.MALFORMED, f"at most {MAX_ADDRS} addresses, got {len(addrs)}")
+    for addr in addrs:
+        if not isinstance(addr, str) or not ADDR_RE.match(addr):
+            raise ProtocolError(ErrorCode.MALFORMED, f"bad address {str(addr)[:80]!r}; want tcp://HOST:PORT")
+    return list(addrs)
+
+
+def check_meta(meta: dict[Any, Any]) -> dict[str, Any]:
+    """Metadata and metrics: a small flat map of short strings to scalars."""
+    if len(meta) > MAX_META_ITEMS:
+        raise ProtocolError(ErrorCode.MALFORMED, f"at most {MAX_META_ITEMS} items, got {len(meta)}")
+    for key, value in meta.items():
+        if not isinstance(key, str) or len(key) > 64:
+            raise ProtocolError(ErrorCode.MALFORMED, f"bad key {str(key)[:80]!r}")
+        if value is not None and not isinstance(value, _SCALAR):
+            raise ProtocolError(ErrorCode.MALFORMED, f"{key}: value must be a scalar")
+        if isinstance(value, str) and len(value) > MAX_STR:
+            raise ProtocolError(ErrorCode.MALFORMED, f"{key}: string longer than {MAX_STR}")
+    return dict(meta)

@@ -1,0 +1,305 @@
+"""The peer's side of the rendezvous session (WebSocket, see ``overlay.protocol``).
+
+``start()`` authenticates and joins, and returns the welcome. Then a reader task keeps
+``members`` up to date from pushed ``joined`` / ``left`` messages (and puts them on ``events``),
+and a heartbeat task keeps the registration alive. If the socket drops, the client reconnects with
+exponential back-off, joins again and reconciles: members missing from the new welcome give
+``("left", peer_id, "lost")``, new ones ``("joined", member)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+import aiohttp
+
+from overlay.errors import ProtocolError, RendezvousError
+from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity, peer_id_from_public_key
+from overlay.protocol import MAX_MESSAGE_BYTES, MsgType, check_meta, decode, encode
+
+log = logging.getLogger(__name__)
+
+WS_PING_INTERVAL = 10.0
+"""WebSocket ping period; no pong within half of it drops the session (then reconnect)."""
+
+Member = dict[str, Any]
+ClientEvent = tuple[Any, ...]  # ("joined", member) | ("left", peer_id, reason)
+
+
+def normalize_url(url: str) -> str:
+    """``host:port`` / ``http://host:port`` / ``ws://host:port`` -> ``ws://host:port/ws``."""
+    if "://" not in url:
+        url = f"ws://{url}"
+    scheme, rest = url.split("://", 1)
+    scheme = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme.lower())
+    if scheme not in ("ws", "wss") or not rest:
+        raise ValueError(f"not a rendezvous URL: {url!r}")
+    if "/" not in rest:
+        rest += "/ws"
+    return f"{scheme}://{rest}"
+
+
+def _valid_member(obj: Any) -> Member | None:
+    """A member map as sent by the rendezvous, or None if it is not one."""
+    if not isinstance(obj, dict):
+        return None
+    peer_id, public_key, addrs = obj.get("peer_id"), obj.get("public_key"), obj.get("addrs")
+    if not isinstance(peer_id, str) or not isinstance(public_key, bytes):
+        return None
+    if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
+        return None
+    try:
+        if peer_id_from_public_key(public_key) != peer_id:
+            return None
+    except ValueError:
+        return None
+    return obj
+
+
+class RendezvousClient:
+    """One peer's registration in one job at one rendezvous."""
+
+    def __init__(
+        self,
+        url: str,
+        identity: Identity,
+        job: str,
+        addrs: list[str],
+        meta: dict[str, Any],
+        *,
+        reconnect: bool = True,
+        connect_timeout: float = 10.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 10.0,
+    ) -> None:
+        self.url = normalize_url(url)
+        self.identity = identity
+        self.job = job
+        self.addrs = list(addrs)
+        self.meta = dict(meta)
+        self.reconnect = reconnect
+        self.connect_timeout = connect_timeout
+        """Bound on connect + challenge + join + welcome (dial-back happens in there)."""
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+
+        self.peer_id: str = identity.peer_id
+        self.members: dict[str, Member] = {}
+        self.reachable_addrs: list[str] = []
+        self.ice_servers: list[dict[str, Any]] = []
+        self.observed_ip: str | None = None
+        self.heartbeat_interval: float = 5.0
+        self.events: asyncio.Queue[ClientEvent] = asyncio.Queue()
+
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._connected = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and not self._ws.closed
+
+    async def start(self) -> dict[str, Any]:
+        """Connect, authenticate and join; return the welcome. Raises RendezvousError."""
+        if self._session is not None or self._closed:
+            raise RuntimeError("a RendezvousClient is started once")
+        self._session = aiohttp.ClientSession()
+        try:
+            welcome = await self._connect(initial=True)
+        except BaseException:
+            await self._session.close()
+            self._closed = True
+            raise
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"rendezvous-client-{self.peer_id[:8]}"),
+            asyncio.create_task(self._heartbeat_loop(), name="rendezvous-heartbeat"),
+        ]
+        return welcome
+
+    async def wait_connected(self) -> None:
+        """Return once a session is established (at once if it is now)."""
+        await self._connected.wait()
+
+    async def report(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """Send a progress report; best effort (logged, never raised) when disconnected."""
+        try:
+            metrics = check_meta(metrics)
+        except ProtocolError as exc:
+            log.warning("report of epoch %d not sent: %s", epoch, exc)
+            return
+        if not await self._send(encode(MsgType.REPORT, epoch=int(epoch), metrics=metrics)):
+            log.info("report of epoch %d dropped: not connected to the rendezvous", epoch)
+
+    async def close(self, leave: bool = True) -> None:
+        """Leave (if asked and connected), stop the tasks, close the socket; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if leave:
+            await self._send(encode(MsgType.LEAVE))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        ws, self._ws = self._ws, None
+        self._connected.clear()
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2.0)
+        if self._session is not None:
+            await self._session.close()
+
+    # -- session ---------------------------------------------------------------------------
+
+    async def _connect(self, *, initial: bool) -> dict[str, Any]:
+        assert self._session is not None
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                ws = await self._session.ws_connect(
+                    self.url,
+                    max_msg_size=MAX_MESSAGE_BYTES,
+                    compress=0,
+                    autoping=True,
+                    heartbeat=WS_PING_INTERVAL,  # notice a dead server without waiting on TCP
+                )
+                challenge = await self._expect(ws, MsgType.CHALLENGE)
+                signed = DOMAIN_RENDEZVOUS_AUTH + challenge["nonce"] + self.job.encode()
+                join = encode(
+                    MsgType.JOIN,
+                    public_key=self.identity.public_key,
+                    signature=self.identity.sign(signed),
+                    job=self.job,
+                    addrs=self.addrs,
+                    meta=self.meta,
+                )
+                await ws.send_bytes(join)
+                welcome = await self._expect(ws, MsgType.WELCOME)
+        except BaseException as exc:
+            if ws is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(), 2.0)
+            if isinstance(exc, TimeoutError):
+                raise RendezvousError(
+                    f"{self.url}: no welcome within {self.connect_timeout}s"
+                ) from None
+            if isinstance(exc, aiohttp.ClientError | OSError):
+                raise RendezvousError(f"cannot reach {self.url}: {exc}") from exc
+            raise
+        self._ws = ws
+        self._apply_welcome(welcome, initial=initial)
+        self._connected.set()
+        log.info(
+            "joined %s at %s as %s (observed ip %s, reachable %s, %d members)",
+            self.job, self.url, self.peer_id, self.observed_ip, self.reachable_addrs,
+            len(self.members),
+        )
+        return welcome
+
+    @staticmethod
+    async def _expect(ws: aiohttp.ClientWebSocketResponse, want: MsgType) -> dict[str, Any]:
+        msg = await ws.receive()
+        if msg.type is not aiohttp.WSMsgType.BINARY:
+            raise RendezvousError(f"connection closed while waiting for {want.value}")
+        try:
+            msg_type, fields = decode(msg.data)
+        except ProtocolError as exc:
+            raise RendezvousError(f"bad message from the rendezvous: {exc}") from None
+        if msg_type is MsgType.ERROR:
+            raise RendezvousError(f"{fields['code']}: {fields['message']}")
+        if msg_type is not want:
+            raise RendezvousError(f"expected {want.value}, got {msg_type.value}")
+        return fields
+
+    def _apply_welcome(self, welcome: dict[str, Any], *, initial: bool) -> None:
+        self.peer_id = welcome["peer_id"]
+        self.observed_ip = welcome["observed_ip"]
+        self.reachable_addrs = [a for a in welcome["reachable_addrs"] if isinstance(a, str)]
+        self.ice_servers = [s for s in welcome["ice_servers"] if isinstance(s, dict)]
+        self.heartbeat_interval = max(float(welcome["heartbeat_interval"]), 0.05)
+        members = (_valid_member(m) for m in welcome["members"])
+        new = {m["peer_id"]: m for m in members if m is not None and m["peer_id"] != self.peer_id}
+        old, self.members = self.members, new
+        if initial:
+            return
+        for peer_id in old.keys() - new.keys():
+            self.events.put_nowait(("left", peer_id, "lost"))
+        for peer_id, member in new.items():
+            if peer_id not in old:
+                self.events.put_nowait(("joined", member))
+            elif old[peer_id].get("addrs") != member.get("addrs"):
+                self.events.put_nowait(("left", peer_id, "replaced"))
+                self.events.put_nowait(("joined", member))
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            msg_type, fields = decode(data)
+        except ProtocolError as exc:
+            log.warning("ignoring a bad message from the rendezvous: %s", exc)
+            return
+        if msg_type is MsgType.JOINED:
+            member = _valid_member(fields["member"])
+            if member is None or member["peer_id"] == self.peer_id:
+                return
+            self.members[member["peer_id"]] = member
+            self.events.put_nowait(("joined", member))
+        elif msg_type is MsgType.LEFT:
+            if self.members.pop(fields["peer_id"], None) is not None:
+                self.events.put_nowait(("left", fields["peer_id"], fields["reason"]))
+        elif msg_type is MsgType.ERROR:
+            log.warning("rendezvous error: %s: %s", fields["code"], fields["message"])
+        else:
+            log.debug("ignoring %s from the rendezvous", msg_type.value)
+
+    # -- background tasks ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Read the current session; when it drops, reconnect (if allowed) and go on."""
+        while True:
+            ws = self._ws
+            if ws is not None:
+                async for msg in ws:
+                    if msg.type is aiohttp.WSMsgType.BINARY:
+                        self._on_message(msg.data)
+                if self._ws is ws:
+                    self._ws = None
+                    self._connected.clear()
+                log.warning("lost the rendezvous session (%s)", ws.close_code)
+            if not self.reconnect or self._closed:
+                return
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        delay = self.backoff_initial
+        while not self._closed:
+            await asyncio.sleep(min(self.backoff_max, delay * random.uniform(1.0, 1.5)))
+            try:
+                await self._connect(initial=False)
+                return
+            except RendezvousError as exc:
+                log.info("reconnect to %s failed: %s", self.url, exc)
+            delay = min(delay * 2, self.backoff_max)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            await self._send(encode(MsgType.HEARTBEAT))
+
+    async def _send(self, frame: bytes) -> bool:
+        ws = self._ws
+        if ws is None or ws.closed:
+            return False
+        try:
+            await ws.send_bytes(frame)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
+            log.debug("send to the rendezvous failed: %s", exc)
+            return False
+        return True

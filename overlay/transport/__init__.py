@@ -1,0 +1,1 @@
+"""Transports between peers: ZeroMQ for reachable peers (WebRTC follows)."""

@@ -1,0 +1,1 @@
+"""The ``peerlearn`` command line: rendezvous, peer, demo."""

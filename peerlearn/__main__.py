@@ -1,0 +1,3 @@
+from peerlearn.cli import main
+
+raise SystemExit(main())

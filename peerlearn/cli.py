@@ -1,0 +1,216 @@
+"""``peerlearn`` subcommands. Each one fills in its config dataclass and runs it.
+
+The rendezvous subcommand imports no torch, so it runs on the base install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("peerlearn")
+
+
+def _setup_logging(verbose: int, prefix: str = "") -> None:
+    level = logging.DEBUG if verbose > 0 else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {prefix}%(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    if verbose <= 1:  # libraries' debug chatter only with -vv
+        for noisy in ("aiohttp.access", "asyncio", "aioice", "aiortc"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+# ---- rendezvous ------------------------------------------------------------------------------
+
+
+def _add_rendezvous(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("rendezvous", help="run the rendezvous (tracker) service",
+                       description="Run the rendezvous: HTTP + WebSocket; introduces peers, "
+                       "dials back their addresses, pushes joined/left events.")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=5555, help="HTTP/WebSocket port (default 5555)")
+    p.add_argument("--ttl", type=float, default=15.0,
+                   help="seconds without a heartbeat before a peer is dropped (default 15)")
+    p.add_argument("--heartbeat", type=float, default=5.0,
+                   help="heartbeat interval told to peers, seconds (default 5)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(run=_run_rendezvous)
+
+
+def _run_rendezvous(args: argparse.Namespace) -> int:
+    from rendezvous.config import RendezvousConfig
+    from rendezvous.server import serve
+
+    _setup_logging(args.verbose, "rendezvous ")
+    config = RendezvousConfig(host=args.host, port=args.port, ttl=args.ttl,
+                              heartbeat_interval=args.heartbeat)
+    serve(config)
+    return 0
+
+
+# ---- peer ------------------------------------------------------------------------------------
+
+
+def _add_peer(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("peer", help="run one training peer",
+                       description="Train on shard NUM of TOTAL and exchange models with the "
+                       "other peers of the job after every epoch.")
+    p.add_argument("--num", type=int, required=True, help="this peer's shard, 0..TOTAL-1")
+    p.add_argument("--total", type=int, required=True, help="number of shards")
+    p.add_argument("--rendezvous", "--server", dest="rendezvous", type=_host_port,
+                   required=True, help="rendezvous HOST:PORT (--server is the old spelling)")
+    p.add_argument("--listen", "--client", dest="listen", type=_host_port, default=None,
+                   help="listen for peers on HOST:PORT over ZeroMQ (port 0 picks one; "
+                   "--client is the old spelling)")
+    p.add_argument("--advertise", type=_host_port, default=None,
+                   help="announce this HOST:PORT instead of the listen address")
+    p.add_argument("--job", default="mnist", help="swarm name (default mnist)")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist"],
+                   help="digits: 10,000 real MNIST digits, offline (default); mnist: full MNIST "
+                   "(downloads, or IDX files in --data-dir); fashion-mnist: Debian's package")
+    p.add_argument("--data-dir", default=None, help="look for data set files here first")
+    p.add_argument("--epochs", type=int, default=3, help="local epochs (default 3)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch (default 64)")
+    p.add_argument("--lr", type=float, default=1.0, help="Adadelta learning rate (default 1.0)")
+    p.add_argument("--gamma", type=float, default=0.7, help="StepLR decay (default 0.7)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="initial weights seed (default: derived from the job name)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--key", dest="key_file", default=None,
+                   help="identity key file (created on first run; default "
+                   "~/.local/share/peerlearn/peer-NUM.pem)")
+    p.add_argument("--merge-wait", type=float, default=60.0,
+                   help="seconds to wait for the others' models of an epoch (default 60)")
+    p.add_argument("--linger", type=float, default=2.0,
+                   help="seconds to keep serving after the last epoch (default 2)")
+    p.add_argument("--events", dest="events_file", default=None,
+                   help="append JSON lines of progress events to this file")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(run=_run_peer)
+
+
+def _run_peer(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose, f"peer {args.num} ")
+    from learner.data import DatasetError
+    from learner.peer import PeerConfig, run_peer
+    from overlay.errors import OverlayError
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("run", "verbose", "command")}
+    if args.listen is not None:
+        fields["listen"] = args.listen
+    try:
+        config = PeerConfig(**fields)
+        asyncio.run(_until_signal(run_peer(config)))
+    except KeyboardInterrupt:
+        log.info("stopped")
+        return 130
+    except (DatasetError, OverlayError, ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+async def _until_signal(coro):  # type: ignore[no-untyped-def]
+    """Run ``coro``; SIGTERM/SIGINT cancel it so that its clean-up (leave) runs."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    stopped = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: (stopped.append(1), task.cancel()))
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if stopped:
+            raise KeyboardInterrupt from None
+        raise
+
+
+# ---- demo ------------------------------------------------------------------------------------
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("demo", help="a local swarm: rendezvous + N peers on loopback",
+                       description="Start a rendezvous and N peers as separate processes on "
+                       "loopback, show their progress, and end with a table. Ctrl+C stops all.")
+    p.add_argument("--peers", type=int, default=3, help="number of peers (default 3)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per peer (default 3)")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--workdir", default=None,
+                   help="keep logs, keys and event files here (default: a temporary folder)")
+    p.add_argument("--device", default="cpu", help="device for every peer (default cpu)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose, "demo ")
+    from peerlearn.demo import DemoConfig, run_demo
+
+    config = DemoConfig(peers=args.peers, epochs=args.epochs, dataset=args.dataset,
+                        data_dir=args.data_dir, workdir=args.workdir, device=args.device)
+    return run_demo(config)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("data", help="fetch a data set now, for offline use later")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist"])
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(run=_run_data, verbose=0)
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    _setup_logging(0)
+    from learner.data import DatasetError, load_dataset
+
+    try:
+        train, test = load_dataset(args.dataset, args.data_dir)
+    except DatasetError as exc:
+        log.error("%s", exc)
+        return 1
+    print(f"{args.dataset}: {len(train)} training and {len(test)} test images ready")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peerlearn",
+        description="Decentralized learning: peers train on private data and exchange "
+        "weights peer to peer; a rendezvous introduces them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_rendezvous(sub)
+    _add_peer(sub)
+    _add_demo(sub)
+    _add_data(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

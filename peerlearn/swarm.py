@@ -1,0 +1,142 @@
+"""A local swarm of real processes on loopback: one rendezvous and N peers.
+
+Used by ``peerlearn demo``, the integration tests and the benchmarks. Each process logs to
+its own file in ``workdir``; peers also write JSON-lines events there (``peer-N.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalSwarm:
+    def __init__(self, workdir: str | os.PathLike[str]) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.rendezvous: subprocess.Popen[bytes] | None = None
+        self.rendezvous_port = 0
+        self.peers: dict[int, subprocess.Popen[bytes]] = {}
+        self._logs: list[Any] = []
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None
+               ) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop())
+        self._logs.append(log)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        return subprocess.Popen([sys.executable, "-m", "peerlearn", *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True)  # Ctrl+C reaches only us, we stop them
+
+    def start_rendezvous(self, *, ttl: float = 15.0, heartbeat: float = 5.0,
+                         port: int | None = None, timeout: float = 30.0) -> int:
+        self.rendezvous_port = port or free_port()
+        self.rendezvous = self._spawn("rendezvous", [
+            "rendezvous", "--host", "127.0.0.1", "--port", str(self.rendezvous_port),
+            "--ttl", str(ttl), "--heartbeat", str(heartbeat)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.rendezvous.poll() is not None:
+                raise RuntimeError(f"rendezvous exited: {self.log('rendezvous')[-2000:]}")
+            try:
+                self.http_json("/healthz")
+                return self.rendezvous_port
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("rendezvous did not answer /healthz")
+
+    def http_json(self, path: str) -> Any:
+        url = f"http://127.0.0.1:{self.rendezvous_port}{path}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.load(response)
+
+    def start_peer(self, num: int, total: int, epochs: int, *extra: str,
+                   threads: int | None = 1) -> subprocess.Popen[bytes]:
+        args = ["peer", "--num", str(num), "--total", str(total), "--epochs", str(epochs),
+                "--rendezvous", f"127.0.0.1:{self.rendezvous_port}",
+                "--listen", "127.0.0.1:0", "--key", str(self.workdir / f"peer-{num}.pem"),
+                "--events", str(self.events_path(num)), "--no-progress", *extra]
+        if threads:
+            args += ["--threads", str(threads)]
+        proc = self.peers[num] = self._spawn(f"peer-{num}", args)
+        return proc
+
+    def events_path(self, num: int) -> Path:
+        return self.workdir / f"peer-{num}.jsonl"
+
+    def events(self, num: int, kind: str | None = None) -> list[dict[str, Any]]:
+        path = self.events_path(num)
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line being written right now
+            if kind is None or record.get("event") == kind:
+                records.append(record)
+        return records
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_peers(self, timeout: float, nums: list[int] | None = None) -> dict[int, int | None]:
+        """Wait for the peers to exit; returns their exit codes (None: still running)."""
+        deadline = time.monotonic() + timeout
+        for num in nums if nums is not None else list(self.peers):
+            try:
+                self.peers[num].wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return {n: self.peers[n].poll() for n in (nums if nums is not None else self.peers)}
+
+    def wait_for(self, predicate: Any, timeout: float, interval: float = 0.2) -> bool:
+        """Wait until ``predicate()`` is true (events are files written by other processes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(interval)
+        return bool(predicate())
+
+    def kill(self, num: int, sig: int = signal.SIGKILL) -> None:
+        self.peers[num].send_signal(sig)
+        self.peers[num].wait(10)
+
+    def stop(self, grace: float = 10.0) -> None:
+        procs = [p for p in [*self.peers.values(), self.rendezvous] if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()

@@ -1,0 +1,475 @@
+"""The rendezvous server: aiohttp HTTP endpoints plus the WebSocket session at ``/ws``.
+
+Session (see ``overlay.protocol``): challenge -> join (signed nonce) -> dial-back of the offered
+ZeroMQ addresses -> welcome; then heartbeat / report / leave from the peer and pushed
+joined / left events to it. Membership itself lives in ``rendezvous.registry``; this module only
+moves bytes and applies the registry's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import html
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from importlib import metadata
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from overlay.dialback import dial_back
+from overlay.errors import ProtocolError
+from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, verify_signature
+from overlay.protocol import (
+    JOB_RE,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    MsgType,
+    check_addrs,
+    check_job,
+    check_meta,
+    decode,
+    encode,
+)
+from rendezvous.config import RendezvousConfig
+from rendezvous.registry import Event, Member, Registry
+
+log = logging.getLogger(__name__)
+
+NONCE_SIZE = 32
+CLOSE_REPLACED = 4000  # another session joined with the same key
+CLOSE_EXPIRED = 4001  # no message within the TTL
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("peerlearn")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _error_frame(exc: ProtocolError) -> bytes:
+    code = getattr(exc.code, "value", exc.code)
+    message = str(exc).partition(": ")[2] or str(exc)
+    return encode(MsgType.ERROR, code=str(code), message=message)
+
+
+class _Connection:
+    """One WebSocket. Every outgoing frame goes through the outbox, written by one task."""
+
+    def __init__(self, ws: web.WebSocketResponse, session: int, remote: str, limit: int) -> None:
+        self.ws = ws
+        self.session = session
+        self.remote = remote
+        self.peer_id: str | None = None
+        self._limit = limit
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._closing = False
+        self._close_code: int = WSCloseCode.OK
+        self._close_message = b""
+        self._writer = asyncio.create_task(self._write_loop(), name=f"rendezvous-ws-{session}")
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def send(self, frame: bytes) -> None:
+        if self._closing:
+            return
+        if self._outbox.qsize() >= self._limit:
+            log.warning("session %d (%s): too slow, closing", self.session, self.peer_id)
+            self.close_soon(WSCloseCode.TRY_AGAIN_LATER, b"too slow")
+            return
+        self._outbox.put_nowait(frame)
+
+    def close_soon(self, code: int = WSCloseCode.OK, message: bytes = b"") -> None:
+        """Send what is queued, then close the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        self._close_code, self._close_message = code, message
+        self._outbox.put_nowait(None)
+
+    async def finish(self, timeout: float) -> None:
+        """Close (after the queued frames) and wait for the writer; cancel it after ``timeout``."""
+        self.close_soon()
+        done, _ = await asyncio.wait({self._writer}, timeout=timeout)
+        if not done:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+    async def _write_loop(self) -> None:
+        try:
+            while (frame := await self._outbox.get()) is not None:
+                await self.ws.send_bytes(frame)
+        except (ConnectionError, RuntimeError) as exc:
+            log.debug("session %d: send failed (%s)", self.session, exc)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.close(code=self._close_code, message=self._close_message)
+
+
+class RendezvousServer:
+    """The rendezvous service. ``start()`` binds, ``close()`` stops everything (idempotent)."""
+
+    def __init__(self, config: RendezvousConfig | None = None) -> None:
+        self.config = config or RendezvousConfig()
+        self.registry = Registry(self.config.ttl, self.config.history_len)
+        self._sessions: dict[str, _Connection] = {}  # peer_id -> the session owning it
+        self._connections: set[_Connection] = set()
+        self._runner: web.AppRunner | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._port: int | None = None
+        self._started = time.monotonic()
+        self._next_session = 0
+        self._closed = False
+        self._version = _package_version()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with ``port=0``)."""
+        if self._port is None:
+            raise RuntimeError("server not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """WebSocket URL for clients on this machine."""
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "", "::") else self.config.host
+        return f"ws://{host}:{self.port}/ws"
+
+    async def start(self) -> None:
+        if self._runner is not None or self._closed:
+            raise RuntimeError("a RendezvousServer is started once")
+        app = web.Application()
+        app.router.add_get("/", self._handle_dashboard)
+        app.router.add_get("/healthz", self._handle_healthz)
+        app.router.add_get("/peers", self._handle_peers)
+        app.router.add_get("/ws", self._handle_ws)
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=self.config.shutdown_timeout
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.config.host, self.config.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = runner.addresses[0][1]
+        self._started = time.monotonic()
+        self._reaper = asyncio.create_task(self._reap_loop(), name="rendezvous-reaper")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for conn in list(self._connections):
+            conn.close_soon(WSCloseCode.GOING_AWAY, b"server shutting down")
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- state changes: the registry decides, this publishes -------------------------------
+
+    def _publish(self, events: list[Event]) -> None:
+        for event in events:
+            if event.kind == "joined":
+                assert event.member is not None
+                frame = encode(MsgType.JOINED, member=event.member.to_wire())
+            else:
+                frame = encode(MsgType.LEFT, peer_id=event.peer_id, reason=event.reason)
+            log.info("job %s: %s %s %s", event.job, event.peer_id, event.kind, event.reason or "")
+            for member in self.registry.members(event.job, exclude=event.peer_id):
+                conn = self._sessions.get(member.peer_id)
+                if conn is not None:
+                    conn.send(frame)
+
+    async def _reap_loop(self) -> None:
+        interval = max(self.config.ttl / 4, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self._reap(time.monotonic())
+            except Exception:  # the reaper must survive anything
+                log.exception("reaper failed")
+
+    def _reap(self, now: float) -> None:
+        events = self.registry.expire(now)
+        for event in events:
+            conn = self._sessions.pop(event.peer_id, None)
+            if conn is not None:  # socket still open but silent
+                conn.close_soon(CLOSE_EXPIRED, b"registration expired")
+        self._publish(events)
+
+    # -- WebSocket session -----------------------------------------------------------------
+
+    async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            max_msg_size=self.config.max_message_bytes,
+            compress=False,
+            timeout=self.config.close_timeout,
+        )
+        await ws.prepare(request)
+        self._next_session += 1
+        conn = _Connection(
+            ws, self._next_session, request.remote or "", self.config.send_queue_limit
+        )
+        self._connections.add(conn)
+        try:
+            await self._serve_session(conn)
+        except Exception:
+            log.exception("session %d crashed", conn.session)
+        finally:
+            self._connections.discard(conn)
+            self._forget(conn)
+            await conn.finish(self.config.close_timeout + 1.0)
+        return ws
+
+    def _forget(self, conn: _Connection) -> None:
+        """The socket is gone; the registration (if any) stays until it expires."""
+        if conn.peer_id is None:
+            return
+        if self._sessions.get(conn.peer_id) is conn:
+            del self._sessions[conn.peer_id]
+        self.registry.disconnect(conn.peer_id, conn.session)
+
+    async def _receive(self, ws: web.WebSocketResponse, timeout: float | None = None) -> Any:
+        """The next data frame (bytes, or str for a text frame), or None once the socket ends."""
+        msg = await ws.receive(timeout=timeout)
+        if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+            return msg.data
+        if msg.type is WSMsgType.ERROR:
+            log.info("websocket error: %s", ws.exception())
+        return None
+
+    async def _serve_session(self, conn: _Connection) -> None:
+        nonce = os.urandom(NONCE_SIZE)
+        conn.send(
+            encode(
+                MsgType.CHALLENGE,
+                nonce=nonce,
+                server=self.config.server_name,
+                version=PROTOCOL_VERSION,
+            )
+        )
+        try:
+            data = await self._receive(conn.ws, timeout=self.config.join_timeout)
+        except TimeoutError:
+            log.info("session %d (%s): no join in time", conn.session, conn.remote)
+            self._refuse(conn, ProtocolError(ErrorCode.BAD_STATE, "no join in time"))
+            return
+        if data is None:
+            return
+        try:
+            msg_type, fields = decode(data, max_bytes=self.config.max_message_bytes)
+            if msg_type is not MsgType.JOIN:
+                raise ProtocolError(ErrorCode.BAD_STATE, f"{msg_type.value} before join")
+            await self._admit(conn, fields, nonce)
+        except ProtocolError as exc:
+            log.info("session %d (%s): refused: %s", conn.session, conn.remote, exc)
+            self._refuse(conn, exc)
+            return
+        await self._session_loop(conn)
+
+    def _refuse(self, conn: _Connection, exc: ProtocolError) -> None:
+        conn.send(_error_frame(exc))
+        conn.close_soon(WSCloseCode.POLICY_VIOLATION, b"refused")
+
+    async def _admit(self, conn: _Connection, fields: dict[str, Any], nonce: bytes) -> None:
+        public_key, job = fields["public_key"], check_job(fields["job"])
+        if not verify_signature(
+            public_key, fields["signature"], DOMAIN_RENDEZVOUS_AUTH + nonce + job.encode()
+        ):
+            raise ProtocolError(ErrorCode.BAD_SIGNATURE, "join signature does not verify")
+        addrs = list(dict.fromkeys(check_addrs(fields["addrs"])))
+        meta = check_meta(fields["meta"])
+        reachable = await self._verify_addrs(addrs, public_key)
+        if conn.closing or conn.ws.closed or self._closed:
+            return  # gone while we were dialing back; nothing to register
+        member, events = self.registry.join(
+            public_key=public_key,
+            job=job,
+            addrs=reachable,
+            meta=meta,
+            session=conn.session,
+            now=time.monotonic(),
+        )
+        conn.peer_id = member.peer_id
+        old = self._sessions.get(member.peer_id)
+        self._sessions[member.peer_id] = conn
+        if old is not None and old is not conn:
+            old.close_soon(CLOSE_REPLACED, b"replaced by a new session")
+        log.info(
+            "session %d: %s joined %s from %s, reachable %s",
+            conn.session, member.peer_id, job, conn.remote, reachable,
+        )
+        conn.send(self._welcome(member, conn.remote))
+        self._publish(events)
+
+    async def _verify_addrs(self, addrs: list[str], public_key: bytes) -> list[str]:
+        timeout = self.config.dialback_timeout
+        results = await asyncio.gather(*(dial_back(a, public_key, timeout) for a in addrs))
+        return [addr for addr, ok in zip(addrs, results, strict=True) if ok]
+
+    def _welcome(self, member: Member, observed_ip: str) -> bytes:
+        others = self.registry.members(member.job, exclude=member.peer_id)
+        return encode(
+            MsgType.WELCOME,
+            peer_id=member.peer_id,
+            observed_ip=observed_ip,
+            reachable_addrs=list(member.addrs),
+            members=[m.to_wire() for m in others],
+            ttl=self.config.ttl,
+            heartbeat_interval=self.config.heartbeat_interval,
+            ice_servers=list(self.config.ice_servers),
+        )
+
+    async def _session_loop(self, conn: _Connection) -> None:
+        errors = 0
+        while not conn.closing:
+            data = await self._receive(conn.ws)
+            if data is None:
+                return
+            try:
+                if self._handle_message(conn, data):
+                    return
+            except ProtocolError as exc:
+                errors += 1
+                log.info("session %d (%s): %s", conn.session, conn.peer_id, exc)
+                conn.send(_error_frame(exc))
+                if errors >= self.config.max_errors:
+                    conn.close_soon(WSCloseCode.POLICY_VIOLATION, b"too many errors")
+                    return
+
+    def _handle_message(self, conn: _Connection, data: bytes | str) -> bool:
+        """Apply one message of a joined session; True when the session is over."""
+        assert conn.peer_id is not None
+        msg_type, fields = decode(data, max_bytes=self.config.max_message_bytes)
+        now = time.monotonic()
+        if msg_type is MsgType.HEARTBEAT:
+            owned = self.registry.touch(conn.peer_id, conn.session, now)
+        elif msg_type is MsgType.REPORT:
+            metrics = check_meta(fields["metrics"])
+            owned = self.registry.report(conn.peer_id, conn.session, fields["epoch"], metrics, now)
+        elif msg_type is MsgType.LEAVE:
+            self._publish(self.registry.leave(conn.peer_id, conn.session))
+            if self._sessions.get(conn.peer_id) is conn:
+                del self._sessions[conn.peer_id]
+            conn.close_soon()
+            return True
+        elif msg_type is MsgType.JOIN:
+            raise ProtocolError(ErrorCode.BAD_STATE, "already joined")
+        else:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"{msg_type.value} is not sent by peers")
+        if not owned:  # expired or replaced while this socket stayed open
+            self._refuse(conn, ProtocolError(ErrorCode.BAD_STATE, "registration is gone"))
+            return True
+        return False
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def _handle_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "status": "ok",
+            "version": self._version,
+            "protocol": PROTOCOL_VERSION,
+            "jobs": len(self.registry.jobs()),
+            "peers": len(self.registry),
+            "uptime_s": round(time.monotonic() - self._started, 3),
+        })
+
+    async def _handle_peers(self, request: web.Request) -> web.Response:
+        job = request.query.get("job", "")
+        if not JOB_RE.match(job):
+            return web.json_response(
+                {"error": f"query parameter job must match {JOB_RE.pattern}"}, status=400
+            )
+        now = time.monotonic()
+        peers = [self._peer_json(m, now) for m in self.registry.members(job)]
+        return web.json_response({"job": job, "peers": peers})
+
+    @staticmethod
+    def _peer_json(member: Member, now: float) -> dict[str, Any]:
+        latest = member.latest_report
+        return {
+            "peer_id": member.peer_id,
+            "addrs": list(member.addrs),
+            "reachable": bool(member.addrs),
+            "meta": member.meta,
+            "joined_at": member.joined_at,
+            "last_seen_s_ago": round(now - member.last_seen, 3),
+            "connected": member.connected,
+            "epoch": latest["epoch"] if latest else None,
+            "metrics": latest["metrics"] if latest else None,
+            "history": list(member.history),
+        }
+
+    async def _handle_dashboard(self, request: web.Request) -> web.Response:
+        now = time.monotonic()
+        rows = []
+        for job in self.registry.jobs():
+            for m in self.registry.members(job):
+                latest = m.latest_report
+                cells = (
+                    job,
+                    m.peer_id,
+                    ", ".join(m.addrs) or "(not reachable)",
+                    "yes" if m.connected else "no",
+                    f"{now - m.last_seen:.1f}s ago",
+                    "" if latest is None else f"epoch {latest['epoch']}: {latest['metrics']}",
+                )
+                rows.append(
+                    "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+                )
+        body = (
+            "<!doctype html><meta charset=utf-8><title>peerlearn rendezvous</title>"
+            "<meta http-equiv=refresh content=5><h1>peerlearn rendezvous</h1>"
+            f"<p>{len(self.registry.jobs())} jobs, {len(self.registry)} peers</p>"
+            "<table border=1 cellpadding=4><tr><th>job</th><th>peer</th><th>addresses</th>"
+            "<th>connected</th><th>last seen</th><th>latest report</th></tr>"
+            + "".join(rows)
+            + "</table>"
+        )
+        return web.Response(text=body, content_type="text/html")
+
+
+@contextlib.asynccontextmanager
+async def run_rendezvous(
+    config: RendezvousConfig | None = None, **overrides: Any
+) -> AsyncIterator[RendezvousServer]:
+    """A started server (default: 127.0.0.1, port 0), closed on exit. For tests and embedding."""
+    base = config or RendezvousConfig(host="127.0.0.1", port=0)
+    server = RendezvousServer(dataclasses.replace(base, **overrides))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def _serve_until_signal(config: RendezvousConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with run_rendezvous(config) as server:
+        log.info("rendezvous listening on http://%s:%d", config.host, server.port)
+        await stop.wait()
+        log.info("rendezvous shutting down")
+
+
+def serve(config: RendezvousConfig) -> None:
+    """Run the rendezvous until SIGINT or SIGTERM."""
+    asyncio.run(_serve_until_signal(config))
