@@ -177,9 +177,10 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is a plain shared file
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)  # a file object: numpy adds no ".npz" suffix
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes it private; the cache is shared
+            # A file object, so numpy adds no ".npz" suffix. (numpy stubs mistype **kwds.)
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

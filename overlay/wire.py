@@ -5,9 +5,9 @@
                       "arrays": [[name, dtype, [dim, ...]], ...], "digest", "signature",
                       "request_id" (optional: the answer to a get_model request)}
 
-``digest`` = SHA-256 over the canonical metadata and the SHA-256 of every payload (hash list,
-so large payloads hash in parallel); ``signature`` = Ed25519(DOMAIN_MODEL + digest) by the
-sender. The receiver checks, before it allocates anything: header size, array count, names,
+``digest`` = SHA-256 over the canonical metadata and the SHA-256 of every 1 MiB piece of every
+payload (a hash list, so large payloads hash on several cores); ``signature`` =
+Ed25519(DOMAIN_MODEL + digest) by the sender. The receiver checks, before it allocates anything: header size, array count, names,
 dtype allow-list, ndim, that each payload's length is exactly prod(shape) * itemsize, the
 total size; then the digest and the signature against the sender's known public key.
 Nothing is ever unpickled: payloads become numpy arrays with ``np.frombuffer``.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ ALLOWED_DTYPES = frozenset(
 )
 CODECS = frozenset(["raw"])
 _PARALLEL_HASH_BYTES = 1 << 20
+HASH_CHUNK = 1 << 20
 _hash_pool: ThreadPoolExecutor | None = None
 
 
@@ -105,19 +107,31 @@ def _canonical_meta(job: str, sender: str, epoch: int, samples: int, codec: str,
 def _pool() -> ThreadPoolExecutor:
     global _hash_pool
     if _hash_pool is None:
-        _hash_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="wire-hash")
+        _hash_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="wire-hash")
     return _hash_pool
 
 
-def _digest(meta: bytes, payloads: Sequence[memoryview | bytes]) -> bytes:
-    def one(buf: memoryview | bytes) -> bytes:
-        return hashlib.sha256(buf).digest()
+def _sha256(buf: memoryview) -> bytes:
+    h = hashlib.sha256()
+    h.update(buf)  # releases the GIL on large buffers
+    return h.digest()
 
-    total = sum(len(p) for p in payloads)
-    if total >= _PARALLEL_HASH_BYTES and len(payloads) > 1:
-        parts = list(_pool().map(one, payloads))  # hashlib releases the GIL on big buffers
+
+def _digest(meta: bytes, payloads: Sequence[memoryview | bytes]) -> bytes:
+    """SHA-256 over ``meta`` and the SHA-256 of every HASH_CHUNK-sized piece of every payload.
+
+    Hashing pieces instead of whole payloads lets a large model hash on several cores.
+    """
+    pieces = []
+    for payload in payloads:
+        view = memoryview(payload).cast("B")
+        pieces.extend(view[i : i + HASH_CHUNK] for i in range(0, len(view), HASH_CHUNK))
+        if not len(view):
+            pieces.append(view)
+    if len(pieces) > 1 and sum(len(p) for p in pieces) >= _PARALLEL_HASH_BYTES:
+        parts = list(_pool().map(_sha256, pieces))
     else:
-        parts = [one(p) for p in payloads]
+        parts = [_sha256(p) for p in pieces]
     h = hashlib.sha256(meta)
     for part in parts:
         h.update(part)
