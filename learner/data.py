@@ -276,9 +276,9 @@ def _valid_digits_npz(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _digits_raw(data_dir: Path | None, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     if data_dir is not None:
-        for npz in (data_dir / DIGITS_NPZ,):
-            if npz.is_file() and (found := _valid_digits_npz(npz)) is not None:
-                return found
+        npz = data_dir / DIGITS_NPZ
+        if npz.is_file() and (found := _valid_digits_npz(npz)) is not None:
+            return found
         tarball = data_dir / DIGITS_TARBALL
         if tarball.is_file():
             return _digits_from_tarball(tarball.read_bytes(), str(tarball))

@@ -165,6 +165,7 @@ class Peer:
         self.models_received = 0
         self.host: Host | None = None
         self._sends: set[asyncio.Task[None]] = set()
+        self._mismatched: set[str] = set()
 
     # ---- checks on what arrives ------------------------------------------------------------
 
@@ -181,6 +182,13 @@ class Peer:
             raise WireError("no_samples", "a model trained on 0 samples carries no weight")
         msg.extra["state"] = state
 
+    def _member_event(self, kind: str, peer_id: str, detail: Any) -> None:
+        if kind == "joined":
+            self.events.emit("joined", peer_id=peer_id,
+                             peer_num=detail.get("meta", {}).get("num"))
+        else:
+            self.events.emit("left", peer_id=peer_id, reason=detail)
+
     def _partners(self) -> list[str]:
         """Members we can reach that train the same architecture as we do."""
         assert self.host is not None
@@ -189,7 +197,9 @@ class Peer:
             if not member.get("addrs"):
                 continue
             if member.get("meta", {}).get("fingerprint") != self.fingerprint[:16]:
-                log.warning("ignoring %s: it trains a different model architecture", pid)
+                if pid not in self._mismatched:
+                    self._mismatched.add(pid)
+                    log.warning("ignoring %s: it trains a different model architecture", pid)
                 continue
             partners.append(pid)
         return partners
@@ -219,6 +229,7 @@ class Peer:
                        advertise=_tcp(cfg.advertise), limits=cfg.limits),
             meta,
             validator=self.validate,
+            on_member_event=self._member_event,
         )
         await host.start()
         log.info("peer %d is %s; %d training samples; %d members in job %r", cfg.num,

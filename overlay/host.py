@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # validator(msg) raises WireError to refuse a model (wrong architecture, NaN, ...).
 Validator = Callable[[ModelMessage], None]
+# on_member_event(kind, peer_id, detail): kind is "joined" (detail: member map) or "left"
+# (detail: reason).
+MemberListener = Callable[[str, str, Any], None]
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Host:
         config: HostConfig,
         meta: dict[str, Any] | None = None,
         validator: Validator | None = None,
+        on_member_event: MemberListener | None = None,
     ) -> None:
         self.identity = identity
         self.config = config
@@ -70,6 +74,7 @@ class Host:
         self.inbox: asyncio.Queue[ModelMessage] = asyncio.Queue()
         self.changed = asyncio.Event()  # set whenever the inbox or the membership changes
         self._validator = validator
+        self._on_member_event = on_member_event
         self._current: tuple[dict[str, Any], list[memoryview], ModelMessage] | None = None
         self.transport = ZmqTransport(identity, config.listen, self._on_message, config.limits)
         self.rendezvous: RendezvousClient | None = None
@@ -114,16 +119,26 @@ class Host:
 
     async def _watch_membership(self) -> None:
         assert self.rendezvous is not None
+        addresses = {pid: self.address_of(pid) for pid in self.members}
         while True:
-            event = await self.rendezvous.events.get()
-            if event[0] == "joined":
-                member = event[1]
-                log.info("peer joined: %s (%s)", member["peer_id"],
-                         ", ".join(member.get("addrs") or ["not reachable"]))
+            kind, peer_id, detail = self._unpack_event(await self.rendezvous.events.get())
+            if kind == "joined":
+                addresses[peer_id] = self.address_of(peer_id)
+                log.info("peer joined: %s (%s)", peer_id, addresses[peer_id] or "not reachable")
             else:
-                _, peer_id, reason = event
-                log.info("peer left: %s (%s)", peer_id, reason)
+                log.info("peer left: %s (%s)", peer_id, detail)
+                address = addresses.pop(peer_id, None)
+                if address is not None:
+                    self.transport.forget(address)
+            if self._on_member_event is not None:
+                self._on_member_event(kind, peer_id, detail)
             self.changed.set()
+
+    @staticmethod
+    def _unpack_event(event: tuple[Any, ...]) -> tuple[str, str, Any]:
+        if event[0] == "joined":
+            return "joined", event[1]["peer_id"], event[1]
+        return event[0], event[1], event[2]
 
     def address_of(self, peer_id: str) -> str | None:
         member = self.members.get(peer_id)

@@ -139,8 +139,10 @@ def _digest(meta: bytes, payloads: Sequence[memoryview | bytes]) -> bytes:
 
 
 def _as_payload(array: np.ndarray) -> memoryview:
-    if not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array)
+    # Little-endian on the wire: a big-endian array's dtype.name is the same ("float32").
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    if array.nbytes == 0:
+        return memoryview(b"")  # memoryview cannot cast a view with zeros in its shape
     return memoryview(array).cast("B")
 
 
@@ -154,7 +156,7 @@ def model_parts(msg: ModelMessage, identity: Identity) -> tuple[dict[str, Any], 
     payloads: list[memoryview] = []
     for item in msg.arrays:
         dtype = item.array.dtype.name
-        if dtype not in ALLOWED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             raise WireError("bad_dtype", f"{item.name}: dtype {dtype} cannot be sent")
         specs.append([item.name, dtype, list(item.array.shape)])
         payloads.append(_as_payload(item.array))
@@ -235,7 +237,7 @@ def _check_specs(raw_specs: Any, limits: Limits) -> list[tuple[str, np.dtype, tu
         if name in names:
             raise WireError("bad_name", f"array name {name!r} appears twice")
         names.add(name)
-        if dtype not in ALLOWED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             raise WireError("bad_dtype", f"{name}: dtype {str(dtype)[:40]!r} not allowed")
         if not isinstance(shape, list) or len(shape) > limits.max_ndim:
             raise WireError("bad_shape", f"{name}: shape must be a list of <= {limits.max_ndim} dims")
@@ -246,6 +248,9 @@ def _check_specs(raw_specs: Any, limits: Limits) -> list[tuple[str, np.dtype, tu
         total += nbytes
         if total > limits.max_total_bytes:
             raise WireError("too_large", f"model larger than {limits.max_total_bytes} bytes")
+        if math.prod(d or 1 for d in shape) * np_dtype.itemsize > limits.max_total_bytes:
+            # empty, but numpy cannot even describe it (e.g. [0, 2**40, 2**40])
+            raise WireError("bad_shape", f"{name}: shape {shape} is too large")
         out.append((name, np_dtype, tuple(shape), nbytes))
     return out
 
@@ -290,7 +295,7 @@ def decode_model(
     if not verify_signature(public_key, signature, DOMAIN_MODEL + digest):
         raise WireError("bad_signature", f"signature does not verify for {sender}")
     arrays = [
-        NamedArray(name, np.frombuffer(payload, dtype=dtype).reshape(shape))
+        NamedArray(name, np.frombuffer(payload, dtype=dtype.newbyteorder("<")).reshape(shape))
         for (name, dtype, shape, _), payload in zip(specs, payloads, strict=True)
     ]
     return ModelMessage(job=job, sender=sender, epoch=epoch, samples=samples, arrays=arrays,

@@ -159,8 +159,10 @@ class ZmqTransport:
         self.stats.messages_in += 1
         self.stats.bytes_in += sum(len(p) for p in payloads) + len(head)
         reply: Frames | None
+        request_id: Any = None
         try:
             header = decode_header(head.buffer, self.limits)
+            request_id = header.get("request_id")
             if header["type"] == FrameType.PROBE.value:
                 probe_reply = answer_probe(self.identity, header)
                 reply = [probe_reply] if probe_reply is not None else None
@@ -169,7 +171,11 @@ class ZmqTransport:
         except WireError as exc:
             self.stats.reject(exc.reason)
             log.warning("rejected a message: %s", exc)
-            reply = [encode_control(FrameType.NACK, reason=exc.reason, message=str(exc)[:200])]
+            # The requester matches replies by request_id: without it a nack is dropped as
+            # stale and the requester waits for its whole timeout.
+            ids = {"request_id": request_id} if isinstance(request_id, str) else {}
+            reply = [encode_control(FrameType.NACK, reason=exc.reason, message=str(exc)[:200],
+                                    **ids)]
         if reply is None:
             return
         try:

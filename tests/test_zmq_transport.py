@@ -1,0 +1,285 @@
+"""ZmqTransport over real sockets on loopback: addressing, timeouts, refusals, dial-back, close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from overlay.dialback import dial_back
+from overlay.errors import TransportError
+from overlay.identity import Identity
+from overlay.transport.zeromq import Frames, Handler, ZmqTransport
+from overlay.wire import (
+    FrameType,
+    Limits,
+    ModelMessage,
+    NamedArray,
+    decode_model,
+    encode_control,
+    encode_model,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+LOOPBACK = "tcp://127.0.0.1:0"
+SENDER = Identity.generate()
+# Irregular on purpose: a prototype DEALER round-robins B, C, B, C... (or C, B, ...), which a
+# strictly alternating sequence could match by luck; this one matches neither rotation.
+IRREGULAR = "BCCBCBBCBC"
+ALTERNATING = "BCBCBCBCBC"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def addressed_model(to: str, seq: int) -> tuple[list[bytes | memoryview], str, ModelMessage]:
+    """An encoded model whose payload names its intended recipient; (frames, request_id, msg)."""
+    request_id = secrets.token_hex(8)
+    msg = ModelMessage(
+        job="j", sender=SENDER.peer_id, epoch=seq, samples=1, request_id=request_id,
+        arrays=[NamedArray("to", np.frombuffer(to.encode(), dtype=np.uint8)),
+                NamedArray("seq", np.array(seq, dtype=np.int64))],
+    )
+    return encode_model(msg, SENDER), request_id, msg
+
+
+class Recorder:
+    """A handler that verifies models, records (seq, intended recipient) and acks them."""
+
+    def __init__(self, known: Callable[[str], bytes | None] | None = None) -> None:
+        self.got: list[tuple[int, str]] = []
+        self.calls = 0
+        self._known = known or {SENDER.peer_id: SENDER.public_key}.get
+
+    async def __call__(self, header: dict[str, Any], payloads: list[memoryview]) -> Frames:
+        self.calls += 1
+        msg = decode_model(header, payloads, self._known)  # WireError -> the transport nacks
+        arrays = {a.name: a.array for a in msg.arrays}
+        self.got.append((int(arrays["seq"]), arrays["to"].tobytes().decode()))
+        return [encode_control(FrameType.ACK, request_id=msg.request_id, digest=msg.digest)]
+
+
+async def no_handler(header: dict[str, Any], payloads: list[memoryview]) -> Frames:
+    raise AssertionError("a sender-only transport got a request")
+
+
+@contextlib.asynccontextmanager
+async def transport(handler: Handler = no_handler, listen: str | None = LOOPBACK,
+                    limits: Limits = Limits(),
+                    identity: Identity | None = None) -> AsyncIterator[ZmqTransport]:
+    t = ZmqTransport(identity or Identity.generate(), listen, handler, limits)
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_context() -> AsyncIterator[zmq.asyncio.Context]:
+    ctx = zmq.asyncio.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def check_delivery(order: str, got_b: list[tuple[int, str]], got_c: list[tuple[int, str]]) -> None:
+    """B got exactly the messages meant for B, C those for C, each once."""
+    assert sorted(got_b) == [(i, "B") for i, to in enumerate(order) if to == "B"]
+    assert sorted(got_c) == [(i, "C") for i, to in enumerate(order) if to == "C"]
+
+
+# ---- addressing: the prototype bug ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("order", "concurrent"), [(ALTERNATING, False), (IRREGULAR, True)])
+async def test_each_model_reaches_the_peer_it_is_addressed_to(order: str,
+                                                              concurrent: bool) -> None:
+    rec_b, rec_c = Recorder(), Recorder()
+    async with transport(rec_b) as b, transport(rec_c) as c, transport(listen=None) as a:
+        address = {"B": b.address, "C": c.address}
+
+        async def send(seq: int, to: str) -> None:
+            frames, request_id, msg = addressed_model(to, seq)
+            assert address[to] is not None
+            header, _ = await a.request(address[to], frames, request_id, timeout=5.0)
+            assert header["type"] == FrameType.ACK.value
+            assert header["request_id"] == request_id
+            assert header["digest"] == msg.digest
+
+        if concurrent:
+            await asyncio.gather(*(send(i, to) for i, to in enumerate(order)))
+        else:
+            for i, to in enumerate(order):
+                await send(i, to)
+        check_delivery(order, rec_b.got, rec_c.got)
+        assert len(rec_b.got) == len(rec_c.got) == 5
+        assert a.stats.messages_out == 10
+        assert b.stats.messages_in == c.stats.messages_in == 5
+        assert not b.stats.rejected and not c.stats.rejected
+
+
+async def test_the_prototype_single_dealer_misdelivers() -> None:
+    """The prototype's pattern (one DEALER connected to every peer) fails the check above."""
+    rec_b, rec_c = Recorder(), Recorder()
+    async with transport(rec_b) as b, transport(rec_c) as c, raw_context() as ctx:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        assert b.address is not None and c.address is not None
+        dealer.connect(b.address)
+        dealer.connect(c.address)
+        for i, to in enumerate(IRREGULAR):
+            frames, _, _ = addressed_model(to, i)
+            await dealer.send_multipart(frames, copy=False)
+        for _ in IRREGULAR:  # every message is acked... by whoever got it
+            reply = await asyncio.wait_for(dealer.recv_multipart(), 5.0)
+            assert len(reply) == 1
+        await eventually(lambda: len(rec_b.got) + len(rec_c.got) == len(IRREGULAR))
+        with pytest.raises(AssertionError):
+            check_delivery(IRREGULAR, rec_b.got, rec_c.got)
+        misdelivered = [m for m in rec_b.got if m[1] == "C"] + [m for m in rec_c.got if m[1] == "B"]
+        assert misdelivered
+
+
+# ---- timeouts and links ---------------------------------------------------------------------
+
+
+async def test_nobody_listening_times_out_drops_the_link_and_recovers() -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    async with transport(listen=None) as a:
+        frames, request_id, _ = addressed_model("B", 0)
+        started = time.monotonic()
+        with pytest.raises(TransportError):
+            await a.request(address, frames, request_id, timeout=0.5)
+        assert time.monotonic() - started < 0.5 + 1.0
+        assert address not in a._links
+
+        rec = Recorder()
+        async with transport(rec, listen=address) as b:
+            assert b.address == address
+            frames, request_id, _ = addressed_model("B", 1)
+            header, _ = await a.request(address, frames, request_id, timeout=5.0)
+            assert header["type"] == FrameType.ACK.value
+            assert rec.got == [(1, "B")]
+
+
+async def test_nack_comes_back_as_a_header_and_is_counted() -> None:
+    rec = Recorder(known=lambda _: None)  # nobody is a member
+    async with transport(rec) as b, transport(listen=None) as a:
+        assert b.address is not None
+        frames, request_id, _ = addressed_model("B", 0)
+        started = time.monotonic()
+        header, payloads = await a.request(b.address, frames, request_id, timeout=5.0)
+        assert time.monotonic() - started < 2.0  # matched by request_id, not a timeout
+        assert header["type"] == FrameType.NACK.value
+        assert header["reason"] == "unknown_sender"
+        assert header["request_id"] == request_id
+        assert payloads == []
+        assert b.stats.rejected == {"unknown_sender": 1}
+        assert rec.got == []
+
+
+# ---- hostile input --------------------------------------------------------------------------
+
+
+async def test_too_many_parts_is_rejected_and_serving_goes_on() -> None:
+    limits = Limits(max_arrays=4)
+    rec = Recorder()
+    async with transport(rec, limits=limits) as b, transport(listen=None) as a, \
+            raw_context() as ctx:
+        assert b.address is not None
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(b.address)
+        await dealer.send_multipart([b"x"] * (limits.max_arrays + 3))  # + routing id: too many
+        await eventually(lambda: b.stats.rejected.get("too_many_parts") == 1)
+        assert rec.calls == 0
+        assert await dealer.poll(200) == 0  # dropped without a reply
+
+        frames, request_id, _ = addressed_model("B", 7)
+        header, _ = await a.request(b.address, frames, request_id, timeout=5.0)
+        assert header["type"] == FrameType.ACK.value
+        assert rec.got == [(7, "B")]
+        assert b.stats.rejected == {"too_many_parts": 1}
+
+
+async def test_frame_over_maxmsgsize_drops_the_connection_and_serving_goes_on() -> None:
+    limits = Limits(max_total_bytes=1000, max_header_bytes=1000)
+    rec = Recorder()
+    async with transport(rec, limits=limits) as b, transport(listen=None) as a, \
+            raw_context() as ctx:
+        assert b.address is not None
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        dealer.connect(b.address)
+
+        async def next_event() -> int:
+            event = parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), 5.0))
+            return int(event["event"])
+
+        assert await next_event() == zmq.EVENT_CONNECTED
+        await dealer.send(b"x" * 100_000)
+        assert await next_event() == zmq.EVENT_DISCONNECTED
+        dealer.disable_monitor()
+        assert rec.calls == 0 and b.stats.messages_in == 0
+
+        frames, request_id, _ = addressed_model("B", 3)
+        assert sum(len(f) for f in frames) < 1000
+        header, _ = await a.request(b.address, frames, request_id, timeout=5.0)
+        assert header["type"] == FrameType.ACK.value
+        assert rec.got == [(3, "B")]
+
+
+# ---- dial-back, close -----------------------------------------------------------------------
+
+
+async def test_dial_back_against_a_real_transport() -> None:
+    identity = Identity.generate()
+    async with transport(Recorder(), identity=identity) as b, raw_context() as ctx:
+        assert b.address is not None
+        assert await dial_back(b.address, identity.public_key, timeout=3.0, context=ctx)
+        other = Identity.generate().public_key
+        assert not await dial_back(b.address, other, timeout=3.0, context=ctx)
+        assert not b.stats.rejected
+
+
+async def test_close_is_idempotent_and_cancels_serving() -> None:
+    t = ZmqTransport(Identity.generate(), LOOPBACK, Recorder())
+    await t.start()
+    task = t._serve_task
+    assert task is not None and not task.done()
+    await t.close()
+    assert task.cancelled()
+    await t.close()
+    assert t.address is not None
+    with pytest.raises(TransportError):
+        frames, request_id, _ = addressed_model("B", 0)
+        await t.request(t.address, frames, request_id, timeout=1.0)
+
+    sender_only = ZmqTransport(Identity.generate(), None, Recorder())
+    assert await sender_only.start() is None
+    await sender_only.close()
+    await sender_only.close()
