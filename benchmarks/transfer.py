@@ -19,21 +19,16 @@ import asyncio
 import json
 import multiprocessing as mp
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import zmq
 
-import torch  # noqa: E402
-import zmq  # noqa: E402
-
-from learner.convert import arrays_to_state, state_to_arrays  # noqa: E402
-from learner.model import build_model  # noqa: E402
-from overlay.identity import Identity  # noqa: E402
-from overlay.transport.zeromq import ZmqTransport  # noqa: E402
-from overlay.wire import FrameType, Limits, ModelMessage, decode_model, encode_control  # noqa: E402
-from overlay.wire import encode_model  # noqa: E402
+from learner.convert import arrays_to_state, state_to_arrays
+from learner.model import build_model
+from overlay.identity import Identity
+from overlay.transport.zeromq import ZmqTransport
+from overlay.wire import FrameType, Limits, ModelMessage, decode_model, encode_control, encode_model
 
 LIMITS = Limits(max_total_bytes=1 << 30)
 
@@ -56,7 +51,7 @@ def ours_receiver(kind: str, sender_key: bytes, ready: mp.Queue) -> None:
     async def main() -> None:
         async def handle(header, payloads):  # type: ignore[no-untyped-def]
             msg = decode_model(header, payloads, lambda _s: sender_key, LIMITS)
-            state = arrays_to_state(msg.arrays, reference)
+            state = arrays_to_state(msg.arrays, reference, share_readonly=True)
             assert len(state) == len(reference)
             return [encode_control(FrameType.ACK, request_id=msg.request_id, digest=msg.digest)]
 

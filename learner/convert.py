@@ -7,6 +7,7 @@ against the local model before they become tensors.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -62,7 +63,8 @@ def state_to_arrays(state_dict: Mapping[str, torch.Tensor], copy: bool = False) 
 
 
 def arrays_to_state(arrays: Iterable[NamedArray],
-                    reference_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                    reference_state: Mapping[str, torch.Tensor],
+                    *, share_readonly: bool = False) -> dict[str, torch.Tensor]:
     """Tensors from ``arrays``, checked against ``reference_state`` (normally the local model's).
 
     The set of names must be the same, and each array must have the reference's shape and dtype;
@@ -73,7 +75,9 @@ def arrays_to_state(arrays: Iterable[NamedArray],
     memory (the caller hands it over). Arrays decoded from wire bytes are usually read-only views
     of the received buffer; torch tensors are always writable, so wrapping such a buffer would
     allow writes into memory numpy promised not to change (torch warns about exactly that). Those
-    arrays are copied once, deliberately.
+    arrays are copied once, deliberately, unless ``share_readonly``: then they are wrapped too,
+    and the caller promises to treat the tensors as read-only (the receive path does: received
+    models are only averaged and loaded, never modified; a 100 MB model saves a 100 MB copy).
     """
     received: dict[str, np.ndarray] = {}
     for item in arrays:
@@ -104,7 +108,14 @@ def arrays_to_state(arrays: Iterable[NamedArray],
         # Compare values' type, not byte order: a big-endian float32 is still a float32.
         if array.dtype.newbyteorder("=") != expected_dtype:
             raise ModelMismatch(f"{name}: expected dtype {expected_dtype}, got {array.dtype}")
-        if not (array.flags.writeable and array.flags.c_contiguous and array.dtype.isnative):
+        if not (array.flags.c_contiguous and array.dtype.isnative) or (
+            not array.flags.writeable and not share_readonly
+        ):
             array = np.array(array, dtype=expected_dtype, order="C", copy=True)
-        state[name] = torch.from_numpy(array)
+        if array.flags.writeable:
+            state[name] = torch.from_numpy(array)
+        else:
+            with warnings.catch_warnings():  # read-only by the caller's promise, see above
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                state[name] = torch.from_numpy(array)
     return state

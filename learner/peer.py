@@ -112,7 +112,8 @@ class EventLog:
             self._file = None
 
 
-def _job_seed(job: str) -> int:
+def job_seed(job: str) -> int:
+    """Initial-weights seed shared by all peers of a job."""
     return int.from_bytes(hashlib.sha256(job.encode()).digest()[:4], "big")
 
 
@@ -152,7 +153,7 @@ class Peer:
         self.config = config
         self.events = EventLog(config.events_file, config.num)
         self.device = pick_device(config.device)
-        self.model = build_model(config.seed if config.seed is not None else _job_seed(config.job))
+        self.model = build_model(config.seed if config.seed is not None else job_seed(config.job))
         self.model.to(self.device)
         self.reference = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         self.fingerprint = fingerprint(self.reference)
@@ -172,7 +173,7 @@ class Peer:
     def validate(self, msg: ModelMessage) -> None:
         """Runs in the receive path (worker thread): refuse models that cannot be merged."""
         try:
-            state = arrays_to_state(msg.arrays, self.reference)
+            state = arrays_to_state(msg.arrays, self.reference, share_readonly=True)
         except ModelMismatch as exc:
             raise WireError("model_mismatch", str(exc)) from exc
         for name, tensor in state.items():
@@ -213,7 +214,7 @@ class Peer:
         train_set, test_set = await asyncio.to_thread(load_dataset, cfg.dataset, cfg.data_dir)
         train_shard = shard(train_set, cfg.num, cfg.total)
         self.samples = len(train_shard)
-        generator = torch.Generator().manual_seed(_job_seed(cfg.job) + cfg.num)
+        generator = torch.Generator().manual_seed(job_seed(cfg.job) + cfg.num)
         train_loader = DataLoader(train_shard, batch_size=cfg.batch_size, shuffle=True,
                                   generator=generator)
         test_loader = DataLoader(test_set, batch_size=cfg.test_batch_size)
@@ -268,10 +269,10 @@ class Peer:
                 self.model.load_state_dict(state)
                 self.epoch = max(m.epoch for m in got)
                 log.info("bootstrapped from %d peers at epoch %d", len(got), self.epoch)
-        result = await asyncio.to_thread(evaluate, self.model, test_loader, self.device)
-        log.info("start: accuracy %.2f%% (%s)", result["accuracy"],
+        initial = await asyncio.to_thread(evaluate, self.model, test_loader, self.device)
+        log.info("start: accuracy %.2f%% (%s)", initial["accuracy"],
                  f"average of {len(used)} peers" if used else "fresh model")
-        self.events.emit("start", peer_id=self.host.peer_id, accuracy=result["accuracy"],
+        self.events.emit("start", peer_id=self.host.peer_id, accuracy=initial["accuracy"],
                          bootstrapped_from=used, epoch=self.epoch, samples=self.samples)
 
     async def _epoch(self, train_loader: DataLoader, test_loader: DataLoader) -> dict[str, Any]:

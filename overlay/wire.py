@@ -122,7 +122,7 @@ def _digest(meta: bytes, payloads: Sequence[memoryview | bytes]) -> bytes:
 
     Hashing pieces instead of whole payloads lets a large model hash on several cores.
     """
-    pieces = []
+    pieces: list[memoryview] = []
     for payload in payloads:
         view = memoryview(payload).cast("B")
         pieces.extend(view[i : i + HASH_CHUNK] for i in range(0, len(view), HASH_CHUNK))
@@ -143,7 +143,7 @@ def _as_payload(array: np.ndarray) -> memoryview:
     array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     if array.nbytes == 0:
         return memoryview(b"")  # memoryview cannot cast a view with zeros in its shape
-    return memoryview(array).cast("B")
+    return array.data.cast("B")
 
 
 def model_parts(msg: ModelMessage, identity: Identity) -> tuple[dict[str, Any], list[memoryview]]:
@@ -207,7 +207,7 @@ def decode_header(frame: bytes | memoryview, limits: Limits = Limits()) -> dict[
     if header.get("v") != WIRE_VERSION:
         raise WireError("bad_version", f"wire version {header.get('v')!r}, want {WIRE_VERSION}")
     try:
-        FrameType(header.get("type"))
+        FrameType(str(header.get("type")))
     except ValueError:
         raise WireError("malformed", f"unknown frame type {header.get('type')!r}") from None
     return header

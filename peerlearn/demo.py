@@ -52,8 +52,8 @@ def results_table(swarm: LocalSwarm, peers: int, epochs: int) -> str:
         last = by_epoch[max(by_epoch)] if by_epoch else {}
         row = [str(num), str(starts[0]["samples"]) if starts else "?"]
         for epoch in range(1, epochs + 1):
-            rec = by_epoch.get(epoch)
-            row.append(f"{rec['acc_before']:.2f}% -> {rec['acc_after']:.2f}%" if rec else "-")
+            got = by_epoch.get(epoch)
+            row.append(f"{got['acc_before']:.2f}% -> {got['acc_after']:.2f}%" if got else "-")
         row += [str(last.get("models_received", 0)), f"{last.get('bytes_sent', 0) / 1e6:.1f}"]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

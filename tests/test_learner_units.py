@@ -159,6 +159,17 @@ def test_arrays_to_state_copies_read_only_buffers_without_warning() -> None:
     assert state["n"].item() == 4 and state["n"].dtype == torch.int64
 
 
+def test_arrays_to_state_shares_read_only_buffers_when_asked() -> None:
+    reference = {"w": torch.zeros(2, 3)}
+    buffer = bytearray(np.arange(6, dtype=np.float32).tobytes())
+    array = np.frombuffer(memoryview(buffer).toreadonly(), dtype=np.float32).reshape(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = arrays_to_state([NamedArray("w", array)], reference, share_readonly=True)
+    assert state["w"].data_ptr() == array.ctypes.data  # no copy
+    assert state["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
 def test_arrays_to_state_accepts_big_endian() -> None:
     reference = {"w": torch.zeros(3)}
     big = np.array([1.0, 2.0, 3.0], dtype=">f4")

@@ -94,7 +94,7 @@ class ZmqTransport:
             router.close()
             raise TransportError(f"cannot listen on {self.listen}: {exc}") from exc
         self._router = router
-        self.address = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.address = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._serve_task = asyncio.create_task(self._serve(), name="zmq-serve")
         log.info("listening on %s", self.address)
         return self.address
