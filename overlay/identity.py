@@ -30,7 +30,9 @@ DOMAIN_MODEL = b"peerlearn/model/v1\x00"
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The peer id: lowercase base32 of the first 20 bytes of SHA-256(public key)."""
     if len(public_key) != PUBLIC_KEY_SIZE:
-        raise ValueError(f"an Ed25519 public key has {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}")
+        raise ValueError(
+            f"an Ed25519 public key has {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}"
+        )
     digest = hashlib.sha256(public_key).digest()[:20]
     return base64.b32encode(digest).decode("ascii").lower()
 

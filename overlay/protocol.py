@@ -94,7 +94,9 @@ def encode(msg_type: MsgType, **fields: Any) -> bytes:
     return msgpack.packb({"type": msg_type.value, **fields}, use_bin_type=True)
 
 
-def decode(data: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[MsgType, dict[str, Any]]:
+def decode(
+    data: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES
+) -> tuple[MsgType, dict[str, Any]]:
     """Unpack and check one message; raise ProtocolError with a precise reason otherwise."""
     if isinstance(data, str):
         raise ProtocolError(ErrorCode.MALFORMED, "text frame; messages are binary msgpack")
@@ -143,7 +145,9 @@ def check_addrs(addrs: list[Any]) -> list[str]:
         raise ProtocolError(ErrorCode.MALFORMED, f"at most {MAX_ADDRS} addresses, got {len(addrs)}")
     for addr in addrs:
         if not isinstance(addr, str) or not ADDR_RE.match(addr):
-            raise ProtocolError(ErrorCode.MALFORMED, f"bad address {str(addr)[:80]!r}; want tcp://HOST:PORT")
+            raise ProtocolError(
+                ErrorCode.MALFORMED, f"bad address {str(addr)[:80]!r}; want tcp://HOST:PORT"
+            )
     return list(addrs)
 
 

@@ -7,9 +7,10 @@
 
 ``digest`` = SHA-256 over the canonical metadata and the SHA-256 of every 1 MiB piece of every
 payload (a hash list, so large payloads hash on several cores); ``signature`` =
-Ed25519(DOMAIN_MODEL + digest) by the sender. The receiver checks, before it allocates anything: header size, array count, names,
-dtype allow-list, ndim, that each payload's length is exactly prod(shape) * itemsize, the
-total size; then the digest and the signature against the sender's known public key.
+Ed25519(DOMAIN_MODEL + digest) by the sender. The receiver checks, before it allocates
+anything: header size, array count, names, dtype allow-list, ndim, that each payload's length
+is exactly prod(shape) * itemsize, the total size; then the digest and the signature against
+the sender's known public key.
 Nothing is ever unpickled: payloads become numpy arrays with ``np.frombuffer``.
 
 Control messages on the same sockets are one-frame msgpack maps with a ``type``:
@@ -98,16 +99,20 @@ class ModelMessage:
         return sum(a.array.nbytes for a in self.arrays)
 
 
-def _canonical_meta(job: str, sender: str, epoch: int, samples: int, codec: str,
-                    specs: list[list[Any]]) -> bytes:
-    return msgpack.packb([WIRE_VERSION, job, sender, epoch, samples, codec, specs],
-                         use_bin_type=True)
+def _canonical_meta(
+    job: str, sender: str, epoch: int, samples: int, codec: str, specs: list[list[Any]]
+) -> bytes:
+    return msgpack.packb(
+        [WIRE_VERSION, job, sender, epoch, samples, codec, specs], use_bin_type=True
+    )
 
 
 def _pool() -> ThreadPoolExecutor:
     global _hash_pool
     if _hash_pool is None:
-        _hash_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="wire-hash")
+        _hash_pool = ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="wire-hash"
+        )
     return _hash_pool
 
 
@@ -196,7 +201,9 @@ def decode_header(frame: bytes | memoryview, limits: Limits = Limits()) -> dict[
         raise WireError("header_too_large", f"{len(frame)} bytes > {limits.max_header_bytes}")
     try:
         header = msgpack.unpackb(
-            frame, raw=False, strict_map_key=True,
+            frame,
+            raw=False,
+            strict_map_key=True,
             max_array_len=max(limits.max_arrays, limits.max_ndim, 16),
             max_map_len=64,
         )
@@ -220,7 +227,9 @@ def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> 
     return value
 
 
-def _check_specs(raw_specs: Any, limits: Limits) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
+def _check_specs(
+    raw_specs: Any, limits: Limits
+) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
     if not isinstance(raw_specs, list):
         raise WireError("malformed", "arrays is not a list")
     if len(raw_specs) > limits.max_arrays:
@@ -240,7 +249,9 @@ def _check_specs(raw_specs: Any, limits: Limits) -> list[tuple[str, np.dtype, tu
         if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             raise WireError("bad_dtype", f"{name}: dtype {str(dtype)[:40]!r} not allowed")
         if not isinstance(shape, list) or len(shape) > limits.max_ndim:
-            raise WireError("bad_shape", f"{name}: shape must be a list of <= {limits.max_ndim} dims")
+            raise WireError(
+                "bad_shape", f"{name}: shape must be a list of <= {limits.max_ndim} dims"
+            )
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise WireError("bad_shape", f"{name}: dimensions must be non-negative integers")
         np_dtype = np.dtype(dtype)
@@ -288,8 +299,9 @@ def decode_model(
     public_key = public_key_of(sender)
     if public_key is None:
         raise WireError("unknown_sender", f"{sender[:64]!r} is not a member of this job")
-    meta = _canonical_meta(job, sender, epoch, samples, codec,
-                           [[n, d.name, list(s)] for n, d, s, _ in specs])
+    meta = _canonical_meta(
+        job, sender, epoch, samples, codec, [[n, d.name, list(s)] for n, d, s, _ in specs]
+    )
     if _digest(meta, payloads) != digest:
         raise WireError("bad_digest", "payload does not match its digest")
     if not verify_signature(public_key, signature, DOMAIN_MODEL + digest):
@@ -298,8 +310,16 @@ def decode_model(
         NamedArray(name, np.frombuffer(payload, dtype=dtype.newbyteorder("<")).reshape(shape))
         for (name, dtype, shape, _), payload in zip(specs, payloads, strict=True)
     ]
-    return ModelMessage(job=job, sender=sender, epoch=epoch, samples=samples, arrays=arrays,
-                        codec=codec, digest=digest, request_id=request_id)
+    return ModelMessage(
+        job=job,
+        sender=sender,
+        epoch=epoch,
+        samples=samples,
+        arrays=arrays,
+        codec=codec,
+        digest=digest,
+        request_id=request_id,
+    )
 
 
 def encode_control(frame_type: FrameType, **fields: Any) -> bytes:
