@@ -13,7 +13,13 @@ checks a received frame against it and fails with a precise ``ProtocolError``.
     peer   -> server heartbeat {}
     peer   -> server report    {epoch, metrics}    (shown by GET /peers)
     peer   -> server leave     {}
+    peer   -> server signal    {to, kind, data}    (relayed to ``to``, a connected member of
+                                                    the same job; whole message <= 32 KiB)
+    server -> peer   signal    {from, kind, data}  (``from`` set by the server, never copied)
+                               kind: offer | answer | candidate | bye; data: bin or map
     server -> peer   error     {code, message}
+
+An ``error`` may carry more fields: ``unknown_peer`` has ``to``, the target it refers to.
 
 A member is {peer_id, public_key, addrs, meta, joined_at}; ``addrs`` only ever holds ZeroMQ
 addresses that the rendezvous dialed back and got a signed answer from.
@@ -34,6 +40,8 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_ADDRS = 8
 MAX_META_ITEMS = 32
 MAX_STR = 256
+MAX_SIGNAL_BYTES = 32 * 1024
+MAX_PEER_ID = 128
 JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADDR_RE = re.compile(r"^tcp://[A-Za-z0-9.\-\[\]:]{1,200}:\d{1,5}$")
 
@@ -47,7 +55,17 @@ class MsgType(enum.StrEnum):
     HEARTBEAT = "heartbeat"
     REPORT = "report"
     LEAVE = "leave"
+    SIGNAL = "signal"
     ERROR = "error"
+
+
+class SignalKind(enum.StrEnum):
+    """What a relayed ``signal`` carries (WebRTC offer/answer, a trickled ICE candidate)."""
+
+    OFFER = "offer"
+    ANSWER = "answer"
+    CANDIDATE = "candidate"
+    BYE = "bye"
 
 
 class ErrorCode(enum.StrEnum):
@@ -57,6 +75,7 @@ class ErrorCode(enum.StrEnum):
     BAD_STATE = "bad_state"  # e.g. heartbeat before join
     BAD_JOB = "bad_job"
     RATE_LIMITED = "rate_limited"
+    UNKNOWN_PEER = "unknown_peer"  # signal target not a connected member of the sender's job
 
 
 # Messages a peer may send, by type: field -> allowed Python types.
@@ -72,6 +91,8 @@ SCHEMA: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.HEARTBEAT: {},
     MsgType.REPORT: {"epoch": (int,), "metrics": (dict,)},
     MsgType.LEAVE: {},
+    # both ways; the peer field ("to" / "from") is checked by check_signal()
+    MsgType.SIGNAL: {"kind": (str,), "data": (bytes, dict)},
     # server -> peer (checked by the client)
     MsgType.CHALLENGE: {"nonce": (bytes,), "server": (str,), "version": (int,)},
     MsgType.WELCOME: {
@@ -163,3 +184,22 @@ def check_meta(meta: dict[Any, Any]) -> dict[str, Any]:
         if isinstance(value, str) and len(value) > MAX_STR:
             raise ProtocolError(ErrorCode.MALFORMED, f"{key}: string longer than {MAX_STR}")
     return dict(meta)
+
+
+def check_signal(fields: dict[str, Any], peer_field: str) -> tuple[str, SignalKind, Any]:
+    """(peer, kind, data) of a decoded ``signal``; ``peer_field`` is "to" or "from"."""
+    peer = fields.get(peer_field)
+    if not isinstance(peer, str) or not 0 < len(peer) <= MAX_PEER_ID:
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"signal.{peer_field}: expected a peer id (str of 1..{MAX_PEER_ID} chars)",
+        )
+    try:
+        kind = SignalKind(fields["kind"])
+    except ValueError:
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"signal.kind {str(fields['kind'])[:40]!r} is not one of "
+            f"{', '.join(k.value for k in SignalKind)}",
+        ) from None
+    return peer, kind, fields["data"]

@@ -5,6 +5,10 @@
 and a heartbeat task keeps the registration alive. If the socket drops, the client reconnects with
 exponential back-off, joins again and reconciles: members missing from the new welcome give
 ``("left", peer_id, "lost")``, new ones ``("joined", member)``.
+
+Signaling: ``send_signal(to, kind, data)`` relays a message through the rendezvous to another
+member of the job; received ones go to ``signals`` as ``(from, kind, data)``, where ``from`` is
+the sender as the rendezvous authenticated it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,17 @@ import aiohttp
 
 from overlay.errors import ProtocolError, RendezvousError
 from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity, peer_id_from_public_key
-from overlay.protocol import MAX_MESSAGE_BYTES, MsgType, check_meta, decode, encode
+from overlay.protocol import (
+    MAX_MESSAGE_BYTES,
+    MAX_SIGNAL_BYTES,
+    ErrorCode,
+    MsgType,
+    SignalKind,
+    check_meta,
+    check_signal,
+    decode,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +42,9 @@ WS_PING_INTERVAL = 10.0
 
 Member = dict[str, Any]
 ClientEvent = tuple[Any, ...]  # ("joined", member) | ("left", peer_id, reason)
+Signal = tuple[str, str, Any]  # (from peer_id, kind, data: bytes | dict)
+SIGNAL_QUEUE_MAX = 1024
+"""Received signals kept for a slow reader; more are dropped (and logged)."""
 
 
 def normalize_url(url: str) -> str:
@@ -94,6 +111,8 @@ class RendezvousClient:
         self.observed_ip: str | None = None
         self.heartbeat_interval: float = 5.0
         self.events: asyncio.Queue[ClientEvent] = asyncio.Queue()
+        self.signals: asyncio.Queue[Signal] = asyncio.Queue(maxsize=SIGNAL_QUEUE_MAX)
+        """Relayed signals: (from, kind, data); ``from`` is set by the rendezvous."""
 
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -137,6 +156,22 @@ class RendezvousClient:
             return
         if not await self._send(encode(MsgType.REPORT, epoch=int(epoch), metrics=metrics)):
             log.info("report of epoch %d dropped: not connected to the rendezvous", epoch)
+
+    async def send_signal(self, to: str, kind: str, data: bytes | dict[str, Any]) -> None:
+        """Relay ``data`` to member ``to`` of the job. Raises RendezvousError when not connected,
+        ValueError for a bad kind or a message over ``MAX_SIGNAL_BYTES``.
+
+        Delivery is not confirmed: an unknown or gone target comes back later as an
+        ``unknown_peer`` error from the rendezvous, which is logged.
+        """
+        kind = SignalKind(kind).value
+        if not isinstance(data, bytes | dict):
+            raise ValueError(f"signal data must be bytes or a map, not {type(data).__name__}")
+        frame = encode(MsgType.SIGNAL, to=to, kind=kind, data=data)
+        if len(frame) > MAX_SIGNAL_BYTES:
+            raise ValueError(f"signal of {len(frame)} bytes > {MAX_SIGNAL_BYTES}")
+        if not await self._send(frame):
+            raise RendezvousError(f"not connected to {self.url}; signal to {to} not sent")
 
     async def close(self, leave: bool = True) -> None:
         """Leave (if asked and connected), stop the tasks, close the socket; idempotent."""
@@ -254,10 +289,26 @@ class RendezvousClient:
         elif msg_type is MsgType.LEFT:
             if self.members.pop(fields["peer_id"], None) is not None:
                 self.events.put_nowait(("left", fields["peer_id"], fields["reason"]))
+        elif msg_type is MsgType.SIGNAL:
+            self._on_signal(fields)
         elif msg_type is MsgType.ERROR:
-            log.warning("rendezvous error: %s: %s", fields["code"], fields["message"])
+            if fields["code"] == ErrorCode.UNKNOWN_PEER:  # a race with "left", not our bug
+                log.info("signal not delivered: %s", fields["message"])
+            else:
+                log.warning("rendezvous error: %s: %s", fields["code"], fields["message"])
         else:
             log.debug("ignoring %s from the rendezvous", msg_type.value)
+
+    def _on_signal(self, fields: dict[str, Any]) -> None:
+        try:
+            sender, kind, data = check_signal(fields, "from")
+        except ProtocolError as exc:
+            log.warning("ignoring a bad signal from the rendezvous: %s", exc)
+            return
+        try:
+            self.signals.put_nowait((sender, kind.value, data))
+        except asyncio.QueueFull:
+            log.warning("signal queue full: dropped %s from %s", kind.value, sender)
 
     # -- background tasks ------------------------------------------------------------------
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 log = logging.getLogger("peerlearn")
+
+TURN_SECRET_ENV = "PEERLEARN_TURN_SECRET"
 
 
 def _setup_logging(verbose: int, prefix: str = "") -> None:
@@ -41,13 +44,31 @@ def _host_port(value: str) -> str:
 def _add_rendezvous(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("rendezvous", help="run the rendezvous (tracker) service",
                        description="Run the rendezvous: HTTP + WebSocket; introduces peers, "
-                       "dials back their addresses, pushes joined/left events.")
+                       "dials back their addresses, pushes joined/left events, relays WebRTC "
+                       "signaling, answers STUN on UDP and hands out TURN credentials for a "
+                       "coturn server (use-auth-secret). No public STUN/TURN server is ever "
+                       "handed out unless given here.")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=5555, help="HTTP/WebSocket port (default 5555)")
     p.add_argument("--ttl", type=float, default=15.0,
                    help="seconds without a heartbeat before a peer is dropped (default 15)")
     p.add_argument("--heartbeat", type=float, default=5.0,
                    help="heartbeat interval told to peers, seconds (default 5)")
+    p.add_argument("--stun-port", type=int, default=3478,
+                   help="UDP port of the built-in STUN server, bound on --host "
+                   "(default 3478; 0 picks a free port; -1 disables STUN)")
+    p.add_argument("--public-host", default=None, metavar="HOST",
+                   help="host name or IP of this server as peers reach it, used in the stun: "
+                   "URL given to peers (default: the host each peer connected to)")
+    p.add_argument("--turn-url", dest="turn_urls", action="append", default=[], metavar="URL",
+                   help="a coturn URL handed to peers with short-lived credentials, e.g. "
+                   "turn:turn.example.org:3478 or turn:HOST:3478?transport=tcp (repeatable; "
+                   "needs --turn-secret)")
+    p.add_argument("--turn-secret", default=os.environ.get(TURN_SECRET_ENV), metavar="S",
+                   help="coturn's static-auth-secret (use-auth-secret); better set in the "
+                   f"environment as {TURN_SECRET_ENV} so it does not show in ps")
+    p.add_argument("--turn-ttl", type=float, default=3600.0,
+                   help="lifetime of the TURN credentials, seconds (default 3600)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(run=_run_rendezvous)
 
@@ -57,9 +78,20 @@ def _run_rendezvous(args: argparse.Namespace) -> int:
     from rendezvous.server import serve
 
     _setup_logging(args.verbose, "rendezvous ")
-    config = RendezvousConfig(host=args.host, port=args.port, ttl=args.ttl,
-                              heartbeat_interval=args.heartbeat)
-    serve(config)
+    try:
+        config = RendezvousConfig(
+            host=args.host, port=args.port, ttl=args.ttl, heartbeat_interval=args.heartbeat,
+            stun_port=args.stun_port, public_host=args.public_host, turn_urls=args.turn_urls,
+            turn_secret=args.turn_secret or None, turn_ttl=args.turn_ttl,
+        )
+    except ValueError as exc:
+        log.error("rendezvous: %s", exc)
+        return 2
+    try:
+        serve(config)
+    except OSError as exc:  # a port already taken, an address not ours
+        log.error("rendezvous: cannot bind: %s", exc)
+        return 1
     return 0
 
 

@@ -51,8 +51,39 @@ class RendezvousConfig:
     server_name: str = "peerlearn-rendezvous"
     """Name sent in ``challenge.server``."""
 
+    stun_port: int | None = 3478
+    """UDP port of the built-in STUN binding server; 0 picks a free one (see
+    ``RendezvousServer.stun_port``); None or -1 disables it (and its ``welcome`` entry)."""
+
+    stun_host: str | None = None
+    """Address the STUN server binds to; None: the same as ``host``."""
+
+    stun_rate_limit: float = 50.0
+    """STUN requests per second allowed per source IP (burst 50); 0 disables the limit."""
+
+    public_host: str | None = None
+    """Host name or IP put in the ``stun:`` URL handed to peers. None: the host the peer used to
+    reach this server (its Host header), else the local address of its connection. Never a
+    third-party server."""
+
+    turn_urls: list[str] = field(default_factory=list)
+    """coturn URLs (``turn:HOST:PORT``, ``turns:...``, ``?transport=tcp``) handed to peers with
+    fresh credentials; empty: no TURN. Needs ``turn_secret``."""
+
+    turn_secret: str | None = field(default=None, repr=False)
+    """coturn's ``static-auth-secret`` (``use-auth-secret``); never logged nor served."""
+
+    turn_ttl: float = 3600.0
+    """Lifetime of the TURN credentials in a ``welcome`` (a reconnect gets new ones)."""
+
+    signal_rate: float = 100.0
+    """Relayed ``signal`` messages per second allowed per session; 0 disables the limit."""
+
+    signal_burst: float = 400.0
+    """How many signals a session may send at once (ICE trickles many candidates quickly)."""
+
     ice_servers: list[dict[str, Any]] = field(default_factory=list)
-    """ICE servers handed to peers in ``welcome`` (STUN/TURN are not wired in yet)."""
+    """Extra ICE servers appended to our own STUN/TURN in ``welcome`` (default: none)."""
 
     def __post_init__(self) -> None:
         if self.ttl <= 0 or self.heartbeat_interval <= 0:
@@ -65,3 +96,16 @@ class RendezvousConfig:
             raise ValueError("dialback_timeout and join_timeout must be positive")
         if self.max_message_bytes <= 0 or self.max_errors <= 0 or self.history_len <= 0:
             raise ValueError("max_message_bytes, max_errors and history_len must be positive")
+        if self.stun_port == -1:
+            self.stun_port = None
+        if self.stun_port is not None and not 0 <= self.stun_port < 65536:
+            raise ValueError(f"stun_port {self.stun_port} is not a UDP port (or -1 to disable)")
+        for url in self.turn_urls:
+            if not url.startswith(("turn:", "turns:")):
+                raise ValueError(f"TURN URL {url!r} must start with turn: or turns:")
+        if self.turn_urls and not self.turn_secret:
+            raise ValueError("TURN URLs need a turn_secret (coturn use-auth-secret)")
+        if self.turn_secret and not self.turn_urls:
+            raise ValueError("a TURN secret without TURN URLs")
+        if self.turn_ttl <= 0:
+            raise ValueError("turn_ttl must be positive")

@@ -2,8 +2,10 @@
 
 Session (see ``overlay.protocol``): challenge -> join (signed nonce) -> dial-back of the offered
 ZeroMQ addresses -> welcome; then heartbeat / report / leave from the peer and pushed
-joined / left events to it. Membership itself lives in ``rendezvous.registry``; this module only
-moves bytes and applies the registry's events.
+joined / left events to it, and ``signal`` relayed between members of one job. Membership
+itself lives in ``rendezvous.registry``; this module only moves bytes and applies the registry's
+events. The same process answers STUN on UDP (``rendezvous.stun``) and hands out TURN
+credentials (``rendezvous.turn``) in ``welcome.ice_servers``.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import asyncio
 import contextlib
 import dataclasses
 import html
+import ipaddress
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -27,23 +31,30 @@ from overlay.errors import ProtocolError
 from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, verify_signature
 from overlay.protocol import (
     JOB_RE,
+    MAX_SIGNAL_BYTES,
     PROTOCOL_VERSION,
     ErrorCode,
     MsgType,
     check_addrs,
     check_job,
     check_meta,
+    check_signal,
     decode,
     encode,
 )
 from rendezvous.config import RendezvousConfig
 from rendezvous.registry import Event, Member, Registry
+from rendezvous.stun import StunServer
+from rendezvous.turn import turn_ice_server
 
 log = logging.getLogger(__name__)
 
 NONCE_SIZE = 32
 CLOSE_REPLACED = 4000  # another session joined with the same key
 CLOSE_EXPIRED = 4001  # no message within the TTL
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+# Errors that say nothing bad about the sender: they do not count towards max_errors.
+_BENIGN_ERRORS = (ErrorCode.UNKNOWN_PEER, ErrorCode.RATE_LIMITED)
 
 
 def _package_version() -> str:
@@ -53,20 +64,58 @@ def _package_version() -> str:
         return "0+unknown"
 
 
+class _UnknownPeer(ProtocolError):
+    def __init__(self, to: str) -> None:
+        super().__init__(ErrorCode.UNKNOWN_PEER, f"{to}: not a connected member of this job")
+        self.fields = {"to": to}
+
+
 def _error_frame(exc: ProtocolError) -> bytes:
     code = getattr(exc.code, "value", exc.code)
     message = str(exc).partition(": ")[2] or str(exc)
-    return encode(MsgType.ERROR, code=str(code), message=message)
+    extra: dict[str, Any] = getattr(exc, "fields", {})
+    return encode(MsgType.ERROR, code=str(code), message=message, **extra)
+
+
+def _url_host(host: str) -> str:
+    """``host`` as it goes in a URL: IPv6 literals in brackets."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+def _reached_host(request: web.Request) -> str:
+    """The host the peer used to reach us (Host header), else our end of its connection."""
+    try:
+        host = (request.url.host or "").strip("[]")
+    except ValueError:  # a Host header yarl cannot parse
+        host = ""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    if HOSTNAME_RE.match(host):
+        return host
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if sockname:
+        return str(sockname[0]).split("%", 1)[0]
+    return "127.0.0.1"
 
 
 class _Connection:
     """One WebSocket. Every outgoing frame goes through the outbox, written by one task."""
 
-    def __init__(self, ws: web.WebSocketResponse, session: int, remote: str, limit: int) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, session: int, remote: str, limit: int, host: str = ""
+    ) -> None:
         self.ws = ws
         self.session = session
         self.remote = remote
+        self.host = host
+        """The rendezvous host as this peer reaches it (goes in the ``stun:`` URL)."""
         self.peer_id: str | None = None
+        self._signal_tokens: float | None = None
+        self._signal_last = 0.0
         self._limit = limit
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._closing = False
@@ -86,6 +135,16 @@ class _Connection:
             self.close_soon(WSCloseCode.TRY_AGAIN_LATER, b"too slow")
             return
         self._outbox.put_nowait(frame)
+
+    def take_signal_token(self, now: float, rate: float, burst: float) -> bool:
+        """Token bucket for relayed signals (``rate`` per second, ``burst`` at once)."""
+        if rate <= 0:
+            return True
+        tokens = burst if self._signal_tokens is None else self._signal_tokens
+        tokens = min(burst, tokens + (now - self._signal_last) * rate)
+        self._signal_last = now
+        self._signal_tokens = tokens - 1.0 if tokens >= 1.0 else tokens
+        return tokens >= 1.0
 
     def close_soon(self, code: int = WSCloseCode.OK, message: bytes = b"") -> None:
         """Send what is queued, then close the socket."""
@@ -125,6 +184,8 @@ class RendezvousServer:
         self._runner: web.AppRunner | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._port: int | None = None
+        self.stun: StunServer | None = None
+        """The STUN server (None when disabled); its ``counters`` count datagrams by outcome."""
         self._started = time.monotonic()
         self._next_session = 0
         self._closed = False
@@ -140,6 +201,13 @@ class RendezvousServer:
         return self._port
 
     @property
+    def stun_port(self) -> int | None:
+        """The bound UDP port of the STUN server (useful with ``stun_port=0``); None if disabled."""
+        if self._runner is None:
+            raise RuntimeError("server not started")
+        return None if self.stun is None else self.stun.port
+
+    @property
     def url(self) -> str:
         """WebSocket URL for clients on this machine."""
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "", "::") else self.config.host
@@ -148,6 +216,15 @@ class RendezvousServer:
     async def start(self) -> None:
         if self._runner is not None or self._closed:
             raise RuntimeError("a RendezvousServer is started once")
+        if self.config.stun_port is not None:
+            stun = StunServer(
+                self.config.stun_host or self.config.host,
+                self.config.stun_port,
+                software=self.config.server_name,
+                rate_limit=self.config.stun_rate_limit,
+            )
+            await stun.start()
+            self.stun = stun
         app = web.Application()
         app.router.add_get("/", self._handle_dashboard)
         app.router.add_get("/healthz", self._handle_healthz)
@@ -162,6 +239,8 @@ class RendezvousServer:
             await site.start()
         except BaseException:
             await runner.cleanup()
+            if self.stun is not None:
+                self.stun.close()
             raise
         self._runner = runner
         self._port = runner.addresses[0][1]
@@ -180,6 +259,8 @@ class RendezvousServer:
             conn.close_soon(WSCloseCode.GOING_AWAY, b"server shutting down")
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.stun is not None:
+            self.stun.close()
 
     # -- state changes: the registry decides, this publishes -------------------------------
 
@@ -224,7 +305,11 @@ class RendezvousServer:
         await ws.prepare(request)
         self._next_session += 1
         conn = _Connection(
-            ws, self._next_session, request.remote or "", self.config.send_queue_limit
+            ws,
+            self._next_session,
+            request.remote or "",
+            self.config.send_queue_limit,
+            self.config.public_host or _reached_host(request),
         )
         self._connections.add(conn)
         try:
@@ -315,7 +400,7 @@ class RendezvousServer:
             "session %d: %s joined %s from %s, reachable %s",
             conn.session, member.peer_id, job, conn.remote, reachable,
         )
-        conn.send(self._welcome(member, conn.remote))
+        conn.send(self._welcome(member, conn))
         self._publish(events)
 
     async def _verify_addrs(self, addrs: list[str], public_key: bytes) -> list[str]:
@@ -323,17 +408,29 @@ class RendezvousServer:
         results = await asyncio.gather(*(dial_back(a, public_key, timeout) for a in addrs))
         return [addr for addr, ok in zip(addrs, results, strict=True) if ok]
 
-    def _welcome(self, member: Member, observed_ip: str) -> bytes:
+    def ice_servers_for(self, peer_id: str, host: str) -> list[dict[str, Any]]:
+        """Our STUN (at ``host``, as the peer reaches us), TURN with fresh credentials, extras."""
+        servers: list[dict[str, Any]] = []
+        if self.stun is not None:
+            servers.append({"urls": [f"stun:{_url_host(host)}:{self.stun.port}"]})
+        if self.config.turn_urls and self.config.turn_secret:
+            servers.append(turn_ice_server(
+                self.config.turn_urls, self.config.turn_secret, peer_id, self.config.turn_ttl
+            ))
+        servers.extend(self.config.ice_servers)
+        return servers
+
+    def _welcome(self, member: Member, conn: _Connection) -> bytes:
         others = self.registry.members(member.job, exclude=member.peer_id)
         return encode(
             MsgType.WELCOME,
             peer_id=member.peer_id,
-            observed_ip=observed_ip,
+            observed_ip=conn.remote,
             reachable_addrs=list(member.addrs),
             members=[m.to_wire() for m in others],
             ttl=self.config.ttl,
             heartbeat_interval=self.config.heartbeat_interval,
-            ice_servers=list(self.config.ice_servers),
+            ice_servers=self.ice_servers_for(member.peer_id, conn.host),
         )
 
     async def _session_loop(self, conn: _Connection) -> None:
@@ -346,7 +443,8 @@ class RendezvousServer:
                 if self._handle_message(conn, data):
                     return
             except ProtocolError as exc:
-                errors += 1
+                if exc.code not in _BENIGN_ERRORS:
+                    errors += 1
                 log.info("session %d (%s): %s", conn.session, conn.peer_id, exc)
                 conn.send(_error_frame(exc))
                 if errors >= self.config.max_errors:
@@ -363,6 +461,10 @@ class RendezvousServer:
         elif msg_type is MsgType.REPORT:
             metrics = check_meta(fields["metrics"])
             owned = self.registry.report(conn.peer_id, conn.session, fields["epoch"], metrics, now)
+        elif msg_type is MsgType.SIGNAL:
+            owned = self.registry.touch(conn.peer_id, conn.session, now)
+            if owned:
+                self._relay_signal(conn, len(data), fields, now)
         elif msg_type is MsgType.LEAVE:
             self._publish(self.registry.leave(conn.peer_id, conn.session))
             if self._sessions.get(conn.peer_id) is conn:
@@ -378,6 +480,34 @@ class RendezvousServer:
             return True
         return False
 
+    def _relay_signal(
+        self, conn: _Connection, size: int, fields: dict[str, Any], now: float
+    ) -> None:
+        """Forward a ``signal`` to a connected member of the sender's job, as ``from`` sender."""
+        assert conn.peer_id is not None
+        if size > MAX_SIGNAL_BYTES:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"signal of {size} bytes > {MAX_SIGNAL_BYTES}")
+        to, kind, data = check_signal(fields, "to")
+        if not conn.take_signal_token(now, self.config.signal_rate, self.config.signal_burst):
+            raise ProtocolError(ErrorCode.RATE_LIMITED, f"more than {self.config.signal_rate} "
+                                "signals per second")
+        sender, target = self.registry.get(conn.peer_id), self.registry.get(to)
+        target_conn = self._sessions.get(to)
+        if (
+            sender is None
+            or target is None
+            or to == conn.peer_id
+            or target.job != sender.job
+            or not target.connected
+            or target_conn is None
+            or target_conn.closing
+            or target_conn.session != target.session
+        ):
+            raise _UnknownPeer(to)
+        log.debug("job %s: signal %s %s -> %s", sender.job, kind.value, conn.peer_id, to)
+        target_conn.send(encode(MsgType.SIGNAL, **{"from": conn.peer_id, "kind": kind.value,
+                                                   "data": data}))
+
     # -- HTTP ------------------------------------------------------------------------------
 
     async def _handle_healthz(self, request: web.Request) -> web.Response:
@@ -388,6 +518,9 @@ class RendezvousServer:
             "jobs": len(self.registry.jobs()),
             "peers": len(self.registry),
             "uptime_s": round(time.monotonic() - self._started, 3),
+            "stun": None if self.stun is None else {
+                "port": self.stun.port, "counters": dict(self.stun.counters),
+            },
         })
 
     async def _handle_peers(self, request: web.Request) -> web.Response:
@@ -449,8 +582,11 @@ class RendezvousServer:
 async def run_rendezvous(
     config: RendezvousConfig | None = None, **overrides: Any
 ) -> AsyncIterator[RendezvousServer]:
-    """A started server (default: 127.0.0.1, port 0), closed on exit. For tests and embedding."""
-    base = config or RendezvousConfig(host="127.0.0.1", port=0)
+    """A started server (default: 127.0.0.1, TCP and STUN on port 0), closed on exit.
+
+    For tests and embedding.
+    """
+    base = config or RendezvousConfig(host="127.0.0.1", port=0, stun_port=0)
     server = RendezvousServer(dataclasses.replace(base, **overrides))
     await server.start()
     try:
@@ -466,6 +602,11 @@ async def _serve_until_signal(config: RendezvousConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with run_rendezvous(config) as server:
         log.info("rendezvous listening on http://%s:%d", config.host, server.port)
+        if server.stun is not None:
+            log.info("STUN on udp %s:%d", server.stun.host, server.stun.port)
+        if config.turn_urls:
+            log.info("TURN credentials for %s (ttl %gs)", ", ".join(config.turn_urls),
+                     config.turn_ttl)
         await stop.wait()
         log.info("rendezvous shutting down")
 

@@ -167,7 +167,8 @@ def test_normalize_url() -> None:
 
 async def test_join_welcome_and_pushed_events() -> None:
     async with run_rendezvous(**FAST) as server, client(server) as a:
-        assert a.members == {} and a.observed_ip == "127.0.0.1" and a.ice_servers == []
+        assert a.members == {} and a.observed_ip == "127.0.0.1"
+        assert a.ice_servers == [{"urls": [f"stun:127.0.0.1:{server.stun_port}"]}]
         async with client(server, meta={"samples": 7}) as b:
             assert list(b.members) == [a.peer_id]
             assert b.members[a.peer_id]["public_key"] == a.identity.public_key
@@ -388,7 +389,7 @@ async def test_client_rejoins_a_restarted_server_and_reconciles() -> None:
 
 
 async def test_server_close_is_idempotent_and_frees_the_port() -> None:
-    server = RendezvousServer(RendezvousConfig(host="127.0.0.1", port=0, **FAST))
+    server = RendezvousServer(RendezvousConfig(host="127.0.0.1", port=0, stun_port=0, **FAST))
     await server.start()
     port = server.port
     async with raw_ws(server) as ws:
