@@ -66,6 +66,7 @@ class SignalKind(enum.StrEnum):
     ANSWER = "answer"
     CANDIDATE = "candidate"
     BYE = "bye"
+    HELLO = "hello"  # the larger peer id asks the smaller one for an offer
 
 
 class ErrorCode(enum.StrEnum):

@@ -53,7 +53,7 @@ class LocalSwarm:
         self.rendezvous_port = port or free_port()
         self.rendezvous = self._spawn("rendezvous", [
             "rendezvous", "--host", "127.0.0.1", "--port", str(self.rendezvous_port),
-            "--ttl", str(ttl), "--heartbeat", str(heartbeat)])
+            "--ttl", str(ttl), "--heartbeat", str(heartbeat), "--stun-port", "0"])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.rendezvous.poll() is not None:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import secrets
-import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,8 +28,15 @@ from overlay.transport.webrtc import (
     iter_chunks,
 )
 from overlay.transport.zeromq import Frames, Handler
-from overlay.wire import FrameType, Limits, ModelMessage, NamedArray, decode_model, \
-    encode_control, encode_model
+from overlay.wire import (
+    FrameType,
+    Limits,
+    ModelMessage,
+    NamedArray,
+    decode_model,
+    encode_control,
+    encode_model,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,11 +76,11 @@ async def webrtc_pair(
             await queues[peer].put((me, kind, json.loads(json.dumps(data))))
         return send_signal
 
+    limits = [kwargs.pop("limits_a", Limits()), kwargs.pop("limits_b", Limits())]
     ids = [Identity.generate(), Identity.generate()]
     ta, tb = (
-        WebRtcTransport(ident, [], h, kwargs.pop("limits_" + n, Limits()),
-                        send_signal=sender(ident.peer_id), **kwargs)
-        for ident, h, n in zip(ids, [handler_a, handler_b], "ab", strict=True)
+        WebRtcTransport(ident, [], h, lim, send_signal=sender(ident.peer_id), **kwargs)
+        for ident, h, lim in zip(ids, [handler_a, handler_b], limits, strict=True)
     )
 
     async def pump(t: WebRtcTransport) -> None:
@@ -169,26 +175,21 @@ async def test_model_round_trip_and_throughput() -> None:
     async with webrtc_pair(Acker(), Acker()) as (a, b):
         b._handler = acker = Acker(verify=keys(a, b))
         await a.connect(b.peer_id)
-        msg = model(a.identity, 1_200_000, "r1")
-        frames = encode_model(msg, a.identity)
-        nbytes = sum(len(f) for f in frames)
-        assert 4_700_000 < nbytes < 4_900_000
-        header, payloads = await a.request(b.peer_id, frames, "r1", timeout=20)
-        assert header["type"] == "ack" and header["request_id"] == "r1"
-        assert header["digest"] == msg.digest and header["nbytes"] == nbytes - len(frames[0])
-        assert payloads == [] and acker.calls == 1
-
-        # throughput: ours (plain acks, so only the transport is timed) vs bare aiortc
-        b._handler = Acker()
+        msg = model(a.identity, 1_200_000, "r")
         ours, bare = [], []
-        blob = secrets.token_bytes(nbytes)
-        for i in range(3):
-            msg.request_id = f"t{i}"
+        for i in range(2):  # interleaved, best of two: the box is shared
+            msg.request_id = f"r{i}"
             frames = encode_model(msg, a.identity)
+            nbytes = sum(len(f) for f in frames)
+            assert 4_700_000 < nbytes < 4_900_000
             start = time.perf_counter()
-            await a.request(b.peer_id, frames, f"t{i}", timeout=20)
+            header, payloads = await a.request(b.peer_id, frames, f"r{i}", timeout=30)
             ours.append(time.perf_counter() - start)
-            bare.append(await bare_round_trip(blob))
+            assert header["type"] == "ack" and header["request_id"] == f"r{i}"
+            assert header["digest"] == msg.digest
+            assert header["nbytes"] == nbytes - len(frames[0]) and payloads == []
+            bare.append(await bare_round_trip(secrets.token_bytes(nbytes)))
+        assert acker.calls == 2
         mbs_ours, mbs_bare = nbytes / min(ours) / 1e6, nbytes / min(bare) / 1e6
         print(f"\n4.8 MB transfer: ours {mbs_ours:.1f} MB/s, bare aiortc {mbs_bare:.1f} MB/s "
               f"({mbs_ours / mbs_bare:.2f}x)")
@@ -196,7 +197,7 @@ async def test_model_round_trip_and_throughput() -> None:
 
 
 async def test_20mb_transfer_is_paced() -> None:
-    async with webrtc_pair(Acker(), Acker(verify=None)) as (a, b):
+    async with webrtc_pair(Acker(), Acker()) as (a, b):
         link = await a.connect(b.peer_id)
         frames = encode_model(model(a.identity, 5_000_000, "big"), a.identity)
         peak = 0
@@ -227,13 +228,13 @@ async def test_bidirectional_concurrent_requests() -> None:
 
         async def one(src: WebRtcTransport, dst: WebRtcTransport, i: int) -> None:
             rid = f"{src.peer_id[:4]}-{i}"
-            msg = model(src.identity, 250_000 + i, rid)
+            msg = model(src.identity, 100_000 + i, rid)
             header, _ = await src.request(dst.peer_id, encode_model(msg, src.identity), rid, 30)
             assert header["request_id"] == rid and header["digest"] == msg.digest
 
-        await asyncio.gather(*(one(a, b, i) for i in range(6)),
-                             *(one(b, a, i) for i in range(6)))
-        assert ha.calls == hb.calls == 6
+        await asyncio.gather(*(one(a, b, i) for i in range(3)),
+                             *(one(b, a, i) for i in range(3)))
+        assert ha.calls == hb.calls == 3
         assert not a.stats.rejected and not b.stats.rejected
 
 
@@ -242,9 +243,18 @@ def raw_chunk(tid: int, index: int, count: int, nframes: int, total: int, data: 
     return ChunkHeader(1, flags, tid, index, count, nframes, total).pack() + data
 
 
+async def eventually(cond: Any, timeout: float = 5.0) -> float:
+    """Wait until ``cond()`` is true (the effect of chunks still in flight); seconds taken."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not met in time"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
 async def test_chunk_garbage_is_refused_and_the_link_survives() -> None:
-    async with webrtc_pair(Acker(), Acker(), chunk_idle_timeout=0.4,
-                           transfer_timeout=1.0) as (a, b):
+    async with webrtc_pair(Acker(), Acker(), chunk_idle_timeout=0.6,
+                           transfer_timeout=1.2) as (a, b):
         hb = Acker()
         b._handler = hb
         link = await a.connect(b.peer_id)
@@ -257,7 +267,7 @@ async def test_chunk_garbage_is_refused_and_the_link_survives() -> None:
         send(raw_chunk(link._alloc_tid(), 0, 2**24, 1, 2**40))  # claims a terabyte
         send(raw_chunk(link._alloc_tid(), 0, 1, 10**6, 8 * 10**6))  # a million frames
         send(raw_chunk(link._alloc_tid(), 0, 7, 1, 100))  # count does not fit the size
-        await asyncio.sleep(0.2)
+        await eventually(lambda: sum(rejected.values()) == 6)
         assert rejected == {"bad_chunk": 4, "too_large": 1, "too_many_parts": 1}
 
         # a transfer that stops midway: abandoned after the idle timeout, nothing delivered
@@ -265,34 +275,29 @@ async def test_chunk_garbage_is_refused_and_the_link_survives() -> None:
         chunks = list(iter_chunks(link._alloc_tid(), frames))
         for c in chunks[:3]:
             send(c)
-        await asyncio.sleep(0.2)
-        assert len(link_b(b, a)._incoming) == 1
-        t0 = time.monotonic()
-        while "chunk_timeout" not in rejected:
-            await asyncio.sleep(0.05)
-        assert 0.2 < time.monotonic() - t0 < 1.0
+        await eventually(lambda: link_b(b, a)._incoming)
+        assert 0.3 < await eventually(lambda: "chunk_timeout" in rejected) < 3
         assert not link_b(b, a)._incoming
         send(chunks[3])  # a straggler of the abandoned transfer is dropped quietly
 
         # a transfer that trickles in too slowly: abandoned after the whole-transfer timeout
         chunks = list(iter_chunks(link._alloc_tid(), frames))
-        for c in chunks[:5]:
+        for c in chunks[:7]:
             send(c)
-            await asyncio.sleep(0.3)
-        assert rejected.get("transfer_timeout") == 1
+            await asyncio.sleep(0.25)
+        assert rejected.get("transfer_timeout") == 1 and rejected["chunk_timeout"] == 1
 
         # too many concurrent incoming requests (4 per link)
         for _ in range(5):
             send(next(iter_chunks(link._alloc_tid(), frames)))
-        await asyncio.sleep(0.2)
-        assert rejected.get("too_many_transfers") == 1
-        while link_b(b, a)._incoming:
-            await asyncio.sleep(0.05)
-        assert rejected["chunk_timeout"] == 5
+        await eventually(lambda: "too_many_transfers" in rejected)
+        await eventually(lambda: not link_b(b, a)._incoming)
+        assert rejected["too_many_transfers"] == 1 and rejected["chunk_timeout"] == 5
         assert hb.calls == 0 and b.stats.messages_in == 0
 
-        # the link still works
-        header, _ = await a.request(b.peer_id, frames, "x", timeout=10)
+        # the link still works (a small model: this test's transfer timeout is 1.2 s)
+        small = encode_model(model(a.identity, 5000, "x"), a.identity)
+        header, _ = await a.request(b.peer_id, small, "x", timeout=10)
         assert header["request_id"] == "x" and hb.calls == 1
         assert link_b(b, a)._requests_active == 0
 
@@ -302,9 +307,9 @@ def link_b(b: WebRtcTransport, a: WebRtcTransport) -> Any:
 
 
 async def test_refused_transfer_fails_the_request_at_once() -> None:
-    async with webrtc_pair(Acker(), Acker(),
-                           limits_b=Limits(max_total_bytes=1_000_000)) as (a, b):
-        frames = encode_model(model(a.identity, 1_200_000, "r"), a.identity)
+    small = Limits(max_total_bytes=100_000, max_header_bytes=4096)
+    async with webrtc_pair(Acker(), Acker(), limits_b=small) as (a, b):
+        frames = encode_model(model(a.identity, 200_000, "r"), a.identity)
         await a.connect(b.peer_id)
         t0 = time.monotonic()
         with pytest.raises(TransportError, match="too_large"):
@@ -316,15 +321,14 @@ async def test_refused_transfer_fails_the_request_at_once() -> None:
         assert header["request_id"] == "g"
 
 
-async def test_nack_for_a_bad_header_carries_the_request_id() -> None:
+async def test_handler_wire_error_becomes_a_nack_with_the_request_id() -> None:
     async with webrtc_pair(Acker(), Acker()) as (a, b):
-        bad = encode_control(FrameType.ACK, request_id="q")[:-1] + b"\xc1"
-        bad = struct.pack("B", 0x83) + bad[1:]  # a map that claims one field too many
-        header, _ = await a.request(b.peer_id, [encode_control(FrameType.ACK, request_id="q",
-                                                               v=2)], "q", 10)
+        b._handler = Acker(verify=keys(b))  # does not know a: decode_model refuses
+        frames = encode_model(model(a.identity, 1000, "q"), a.identity)
+        header, _ = await a.request(b.peer_id, frames, "q", 10)
         assert header["type"] == "nack" and header["request_id"] == "q"
-        assert b.stats.rejected == {"bad_version": 1}
-        del bad
+        assert header["reason"] == "unknown_sender"
+        assert b.stats.rejected == {"unknown_sender": 1}
 
 
 async def test_remote_close_fails_requests_quickly() -> None:

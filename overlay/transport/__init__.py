@@ -1,1 +1,1 @@
-"""Transports between peers: ZeroMQ for reachable peers (WebRTC follows)."""
+"""Transports between peers: ZeroMQ for reachable peers, WebRTC data channels for the rest."""

@@ -95,7 +95,6 @@ HIGH_WATER = 4 * 1024 * 1024
 """The sender waits while the channel buffers more than this many bytes..."""
 LOW_WATER = 1024 * 1024
 """...until it has drained to this (``bufferedAmountLowThreshold``)."""
-_REMNANTS = 64  # ids of finished/abandoned transfers whose stray chunks are dropped quietly
 
 
 class LinkState(enum.StrEnum):
@@ -299,7 +298,8 @@ class WebRtcLink:
             if not fut.done():
                 fut.set_exception(error)
         for fut in setup:
-            fut.exception()  # retrieved: nobody need be waiting for these any more
+            if not fut.cancelled():  # the runner's timeout cancels the one it awaited
+                fut.exception()  # retrieved: nobody need be waiting for these any more
         for inc in self._incoming.values():
             self._forget_timer(inc)
         self._incoming.clear()  # anything half-received is dropped, never handed up
@@ -470,6 +470,8 @@ class WebRtcLink:
             finally:
                 self._outgoing.pop(tid, None)
                 self._pending.pop(request_id, None)
+                if fut.done() and not fut.cancelled():
+                    fut.exception()  # the link ended while we were still sending
 
     # ---- receiving -------------------------------------------------------------------------
 
