@@ -187,16 +187,17 @@ class Peer:
         if kind == "joined":
             self.events.emit("joined", peer_id=peer_id,
                              peer_num=detail.get("meta", {}).get("num"))
+        elif kind == "link":
+            self.events.emit("link", peer_id=peer_id, kind=detail["kind"],
+                             connect_s=detail["connect_s"])
         else:
             self.events.emit("left", peer_id=peer_id, reason=detail)
 
     def _partners(self) -> list[str]:
-        """Members we can reach that train the same architecture as we do."""
+        """Members that train the same architecture as we do (ZeroMQ or WebRTC reaches them)."""
         assert self.host is not None
         partners = []
         for pid, member in self.host.members.items():
-            if not member.get("addrs"):
-                continue
             if member.get("meta", {}).get("fingerprint") != self.fingerprint[:16]:
                 if pid not in self._mismatched:
                     self._mismatched.add(pid)

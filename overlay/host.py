@@ -3,21 +3,30 @@
 It owns the rendezvous session (membership view) and the transports, and offers the learner
 three things: ``send_model`` to one peer, ``fetch_model`` from one peer, and an inbox of
 verified models pushed to us. It knows nothing about torch.
+
+Connection manager: towards a peer whose ZeroMQ address the rendezvous verified, we use
+ZeroMQ; towards any other peer a WebRTC data channel (ICE finds a direct path through the
+NATs or falls back to the TURN relay). The first exchange on a link is a ``ping``; its round
+trip is the link's set-up time. A link that fails is retried with exponential back-off. Each
+link's kind (zmq, webrtc-direct, webrtc-relay) and set-up time are logged and reported to the
+rendezvous (``GET /peers`` shows them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from overlay.errors import TransportError, WireError
 from overlay.identity import Identity
 from overlay.rendezvous_client import RendezvousClient
+from overlay.transport.webrtc import WebRtcTransport
 from overlay.transport.zeromq import Frames, ZmqTransport
 from overlay.wire import (
     FrameType,
@@ -34,8 +43,8 @@ log = logging.getLogger(__name__)
 
 # validator(msg) raises WireError to refuse a model (wrong architecture, NaN, ...).
 Validator = Callable[[ModelMessage], None]
-# on_member_event(kind, peer_id, detail): kind is "joined" (detail: member map) or "left"
-# (detail: reason).
+# on_member_event(kind, peer_id, detail): "joined" (detail: member map), "left" (detail: reason)
+# or "link" (detail: {"kind", "connect_s"}).
 MemberListener = Callable[[str, str, Any], None]
 
 
@@ -51,12 +60,25 @@ class HostConfig:
     """ZeroMQ listen address ``tcp://HOST:PORT`` (port 0 picks one); None: not reachable."""
     advertise: str | None = None
     """Address to announce if it differs from the bound one (e.g. behind port forwarding)."""
-    send_timeout: float = 60.0
-    """Bound on delivering one model to one peer, acknowledgement included."""
-    fetch_timeout: float = 30.0
+    send_timeout: float = 120.0
+    """Bound on delivering one model to one peer, link set-up and acknowledgement included."""
+    fetch_timeout: float = 60.0
     """Bound on fetching one model from one peer (bootstrap)."""
-    limits: Limits = Limits()
+    connect_timeout: float = 20.0
+    """Bound on setting up a link (the first ``ping`` round trip, ICE included)."""
+    ice_transport_policy: str = "all"
+    """``all``: direct paths first, TURN as fallback; ``relay``: TURN only (tests)."""
+    backoff_initial: float = 1.0
+    """First wait before retrying a failed link; doubles up to ``backoff_max``."""
+    backoff_max: float = 30.0
+    limits: Limits = field(default_factory=Limits)
     """What we accept from others."""
+
+
+@dataclass
+class _Backoff:
+    delay: float
+    not_before: float
 
 
 class Host:
@@ -73,12 +95,16 @@ class Host:
         self.meta = dict(meta or {})
         self.inbox: asyncio.Queue[ModelMessage] = asyncio.Queue()
         self.changed = asyncio.Event()  # set whenever the inbox or the membership changes
+        self.links: dict[str, dict[str, Any]] = {}  # peer id -> {"kind", "connect_s"}
         self._validator = validator
         self._on_member_event = on_member_event
         self._current: tuple[dict[str, Any], list[memoryview], ModelMessage] | None = None
         self.transport = ZmqTransport(identity, config.listen, self._on_message, config.limits)
+        self.webrtc: WebRtcTransport | None = None
         self.rendezvous: RendezvousClient | None = None
-        self._events_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connecting: dict[str, asyncio.Task[None]] = {}
+        self._backoff: dict[str, _Backoff] = {}
         self._closed = False
 
     @property
@@ -101,21 +127,35 @@ class Host:
             await self.transport.close()
             raise
         if addrs and not self.rendezvous.reachable_addrs:
-            log.warning("the rendezvous could not dial back %s: peers will not reach us there",
+            log.warning("the rendezvous could not dial back %s: peers will reach us over WebRTC",
                         addrs[0])
-        self._events_task = asyncio.create_task(self._watch_membership(), name="membership")
+        self.webrtc = WebRtcTransport(
+            self.identity, self.rendezvous.ice_servers, self._on_message, self.config.limits,
+            send_signal=self.rendezvous.send_signal,
+            ice_transport_policy=self.config.ice_transport_policy,
+            connect_timeout=self.config.connect_timeout,
+        )
+        self._tasks = [
+            asyncio.create_task(self._watch_membership(), name="membership"),
+            asyncio.create_task(self._pump_signals(), name="signals"),
+        ]
         return welcome
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._events_task is not None:
-            self._events_task.cancel()
-            await asyncio.gather(self._events_task, return_exceptions=True)
+        tasks = [*self._tasks, *self._connecting.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.rendezvous is not None:
             await self.rendezvous.close(leave=True)
+        if self.webrtc is not None:
+            await self.webrtc.close()
         await self.transport.close()
+
+    # ---- membership and signaling ----------------------------------------------------------
 
     async def _watch_membership(self) -> None:
         assert self.rendezvous is not None
@@ -124,21 +164,45 @@ class Host:
             kind, peer_id, detail = self._unpack_event(await self.rendezvous.events.get())
             if kind == "joined":
                 addresses[peer_id] = self.address_of(peer_id)
-                log.info("peer joined: %s (%s)", peer_id, addresses[peer_id] or "not reachable")
+                log.info("peer joined: %s (%s)", peer_id, addresses[peer_id] or "behind NAT")
             else:
                 log.info("peer left: %s (%s)", peer_id, detail)
-                address = addresses.pop(peer_id, None)
-                if address is not None:
-                    self.transport.forget(address)
-            if self._on_member_event is not None:
-                self._on_member_event(kind, peer_id, detail)
+                await self._forget(peer_id, addresses.pop(peer_id, None))
+            self._notify(kind, peer_id, detail)
             self.changed.set()
+
+    async def _forget(self, peer_id: str, address: str | None) -> None:
+        self.links.pop(peer_id, None)
+        self._backoff.pop(peer_id, None)
+        if address is not None:
+            self.transport.forget(address)
+        if self.webrtc is not None:
+            await self.webrtc.forget(peer_id)
+
+    def _notify(self, kind: str, peer_id: str, detail: Any) -> None:
+        if self._on_member_event is not None:
+            self._on_member_event(kind, peer_id, detail)
 
     @staticmethod
     def _unpack_event(event: tuple[Any, ...]) -> tuple[str, str, Any]:
         if event[0] == "joined":
             return "joined", event[1]["peer_id"], event[1]
         return event[0], event[1], event[2]
+
+    async def _pump_signals(self) -> None:
+        assert self.rendezvous is not None and self.webrtc is not None
+        while True:
+            sender, kind, data = await self.rendezvous.signals.get()
+            if sender not in self.members:
+                log.info("ignoring a %s signal from %s: not a member of our job", kind, sender)
+                continue
+            if not isinstance(data, dict):
+                log.info("ignoring a %s signal from %s: data is not a map", kind, sender)
+                continue
+            try:
+                await self.webrtc.on_signal(sender, kind, data)
+            except Exception:  # one bad signal must not stop the pump
+                log.exception("signal %s from %s failed", kind, sender)
 
     def address_of(self, peer_id: str) -> str | None:
         member = self.members.get(peer_id)
@@ -148,6 +212,73 @@ class Host:
     def _public_key_of(self, peer_id: str) -> bytes | None:
         member = self.members.get(peer_id)
         return member["public_key"] if member else None
+
+    # ---- the connection manager ------------------------------------------------------------
+
+    async def _exchange(
+        self, peer_id: str, frames: Frames, request_id: str, timeout: float
+    ) -> tuple[dict[str, Any], list[memoryview]]:
+        """One request/reply with ``peer_id`` over the right transport, link set up first."""
+        if peer_id not in self.members:
+            raise TransportError(f"{peer_id} is not a member of our job")
+        if peer_id not in self.links:
+            await self._ensure_link(peer_id)
+        address = self.address_of(peer_id)
+        if address is not None:
+            return await self.transport.request(address, frames, request_id, timeout)
+        assert self.webrtc is not None
+        return await self.webrtc.request(peer_id, frames, request_id, timeout)
+
+    async def _ensure_link(self, peer_id: str) -> None:
+        backoff = self._backoff.get(peer_id)
+        now = time.monotonic()
+        if backoff is not None and now < backoff.not_before:
+            raise TransportError(f"{peer_id}: link failed, retrying in "
+                                 f"{backoff.not_before - now:.1f} s")
+        task = self._connecting.get(peer_id)
+        if task is None:  # concurrent callers share one attempt
+            task = self._connecting[peer_id] = asyncio.create_task(self._connect(peer_id))
+            task.add_done_callback(lambda _t: self._connecting.pop(peer_id, None))
+        await asyncio.shield(task)
+
+    async def _connect(self, peer_id: str) -> None:
+        started = time.monotonic()
+        address = self.address_of(peer_id)
+        request_id = secrets.token_hex(8)
+        ping = [encode_control(FrameType.PING, request_id=request_id)]
+        try:
+            if address is not None:
+                kind = "zmq"
+                header, _ = await self.transport.request(
+                    address, ping, request_id, self.config.connect_timeout)
+            else:
+                assert self.webrtc is not None
+                header, _ = await self.webrtc.request(
+                    peer_id, ping, request_id, self.config.connect_timeout)
+                info = self.webrtc.link_info(peer_id) or {}
+                kind = info.get("kind") or "webrtc-direct"
+            if header.get("type") != FrameType.PONG.value:
+                raise TransportError(f"{peer_id} answered ping with {header.get('type')!r}")
+        except TransportError as exc:
+            previous = self._backoff.get(peer_id)
+            delay = (min(previous.delay * 2, self.config.backoff_max) if previous
+                     else self.config.backoff_initial)
+            delay *= random.uniform(0.8, 1.2)
+            self._backoff[peer_id] = _Backoff(delay, time.monotonic() + delay)
+            log.warning("link to %s failed (%s); retrying in %.1f s", peer_id, exc, delay)
+            raise
+        connect_s = time.monotonic() - started
+        self._backoff.pop(peer_id, None)
+        self.links[peer_id] = {"kind": kind, "connect_s": round(connect_s, 4)}
+        log.info("link to %s: %s, set up in %.2f s", peer_id, kind, connect_s)
+        self._notify("link", peer_id, self.links[peer_id])
+        if self.rendezvous is not None:
+            await self.rendezvous.report_links(self.links)
+
+    def _link_lost(self, peer_id: str, exc: TransportError) -> None:
+        """A request failed: the next one sets the link up again (through the back-off)."""
+        if self.links.pop(peer_id, None) is not None:
+            log.info("link to %s lost: %s", peer_id, exc)
 
     # ---- our model, as served to get_model requests ----------------------------------------
 
@@ -167,6 +298,8 @@ class Host:
     async def _on_message(self, header: dict[str, Any], payloads: list[memoryview]) -> Frames:
         kind = header["type"]
         request_id = header.get("request_id")
+        if kind == FrameType.PING.value:
+            return [encode_control(FrameType.PONG, request_id=request_id)]
         if kind == FrameType.MODEL.value:
             msg = await asyncio.to_thread(self._check_model, header, payloads)
             await self.inbox.put(msg)
@@ -196,36 +329,36 @@ class Host:
 
     # ---- outgoing ------------------------------------------------------------------------
 
-    async def send_model(self, peer_id: str, frames: Frames, request_id: str) -> None:
-        """Deliver encoded model ``frames`` to ``peer_id``; returns once it acknowledged."""
-        address = self.address_of(peer_id)
-        if address is None:
-            raise TransportError(f"{peer_id}: no reachable address")
-        started = time.monotonic()
-        header, _ = await self.transport.request(
-            address, frames, request_id, self.config.send_timeout
-        )
-        if header["type"] != FrameType.ACK.value:
-            raise TransportError(f"{peer_id} refused our model: {header.get('reason')}"
-                                 f" {header.get('message', '')}")
-        log.debug("delivered to %s in %.2f s", peer_id, time.monotonic() - started)
-
     def encode(self, msg: ModelMessage) -> tuple[Frames, str]:
         """Encode ``msg`` once for sending to many peers; returns (frames, request_id)."""
         msg.request_id = secrets.token_hex(8)
         return encode_model(msg, self.identity), msg.request_id
 
+    async def send_model(self, peer_id: str, frames: Frames, request_id: str) -> None:
+        """Deliver encoded model ``frames`` to ``peer_id``; returns once it acknowledged."""
+        started = time.monotonic()
+        try:
+            header, _ = await self._exchange(peer_id, frames, request_id,
+                                             self.config.send_timeout)
+        except TransportError as exc:
+            self._link_lost(peer_id, exc)
+            raise
+        if header["type"] != FrameType.ACK.value:
+            raise TransportError(f"{peer_id} refused our model: {header.get('reason')}"
+                                 f" {header.get('message', '')}")
+        log.debug("delivered to %s in %.2f s", peer_id, time.monotonic() - started)
+
     async def fetch_model(self, peer_id: str) -> ModelMessage:
         """Ask ``peer_id`` for its current model (newcomer bootstrap)."""
-        address = self.address_of(peer_id)
-        if address is None:
-            raise TransportError(f"{peer_id}: no reachable address")
         request_id = secrets.token_hex(8)
         request = encode_control(FrameType.GET_MODEL, request_id=request_id,
                                  job=self.config.job, sender=self.peer_id)
-        header, payloads = await self.transport.request(
-            address, [request], request_id, self.config.fetch_timeout
-        )
+        try:
+            header, payloads = await self._exchange(peer_id, [request], request_id,
+                                                    self.config.fetch_timeout)
+        except TransportError as exc:
+            self._link_lost(peer_id, exc)
+            raise
         if header["type"] != FrameType.MODEL.value:
             raise TransportError(f"{peer_id} had no model: {header.get('reason')}")
         try:

@@ -54,6 +54,7 @@ class MsgType(enum.StrEnum):
     LEFT = "left"
     HEARTBEAT = "heartbeat"
     REPORT = "report"
+    LINKS = "links"
     LEAVE = "leave"
     SIGNAL = "signal"
     ERROR = "error"
@@ -91,6 +92,7 @@ SCHEMA: dict[MsgType, dict[str, tuple[type, ...]]] = {
     },
     MsgType.HEARTBEAT: {},
     MsgType.REPORT: {"epoch": (int,), "metrics": (dict,)},
+    MsgType.LINKS: {"links": (dict,)},
     MsgType.LEAVE: {},
     # both ways; the peer field ("to" / "from") is checked by check_signal()
     MsgType.SIGNAL: {"kind": (str,), "data": (bytes, dict)},
@@ -204,3 +206,26 @@ def check_signal(fields: dict[str, Any], peer_field: str) -> tuple[str, SignalKi
             f"{', '.join(k.value for k in SignalKind)}",
         ) from None
     return peer, kind, fields["data"]
+
+
+LINK_KINDS = frozenset(["zmq", "webrtc-direct", "webrtc-relay"])
+MAX_LINKS = 256
+
+
+def check_links(links: dict[Any, Any]) -> dict[str, dict[str, Any]]:
+    """``links {links: {peer_id: {kind, connect_s}}}``: how a peer reaches each other peer."""
+    if len(links) > MAX_LINKS:
+        raise ProtocolError(ErrorCode.MALFORMED, f"at most {MAX_LINKS} links, got {len(links)}")
+    out: dict[str, dict[str, Any]] = {}
+    for peer_id, link in links.items():
+        if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 64:
+            raise ProtocolError(ErrorCode.MALFORMED, f"bad peer id {str(peer_id)[:80]!r}")
+        if not isinstance(link, dict) or link.get("kind") not in LINK_KINDS:
+            raise ProtocolError(
+                ErrorCode.MALFORMED, f"link to {peer_id}: kind must be one of {sorted(LINK_KINDS)}"
+            )
+        connect_s = link.get("connect_s")
+        if not isinstance(connect_s, int | float) or isinstance(connect_s, bool) or connect_s < 0:
+            raise ProtocolError(ErrorCode.MALFORMED, f"link to {peer_id}: bad connect_s")
+        out[peer_id] = {"kind": link["kind"], "connect_s": float(connect_s)}
+    return out

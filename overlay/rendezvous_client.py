@@ -29,6 +29,7 @@ from overlay.protocol import (
     ErrorCode,
     MsgType,
     SignalKind,
+    check_links,
     check_meta,
     check_signal,
     decode,
@@ -156,6 +157,16 @@ class RendezvousClient:
             return
         if not await self._send(encode(MsgType.REPORT, epoch=int(epoch), metrics=metrics)):
             log.info("report of epoch %d dropped: not connected to the rendezvous", epoch)
+
+    async def report_links(self, links: dict[str, dict[str, Any]]) -> None:
+        """Tell the rendezvous how we reach each peer (shown by GET /peers); best effort."""
+        try:
+            links = check_links(links)
+        except ProtocolError as exc:
+            log.warning("links not sent: %s", exc)
+            return
+        if not await self._send(encode(MsgType.LINKS, links=links)):
+            log.info("links dropped: not connected to the rendezvous")
 
     async def send_signal(self, to: str, kind: str, data: bytes | dict[str, Any]) -> None:
         """Relay ``data`` to member ``to`` of the job. Raises RendezvousError when not connected,

@@ -54,6 +54,8 @@ class FrameType(enum.StrEnum):
     NACK = "nack"
     PROBE = "probe"
     PROBE_REPLY = "probe_reply"
+    PING = "ping"
+    PONG = "pong"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ class Member:
     """Monotonic time of the last message from the peer."""
     connected: bool = True
     history: deque[dict[str, Any]] = field(default_factory=deque)
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """How this peer reaches the others: peer id -> {kind, connect_s} (its latest word)."""
 
     def to_wire(self) -> dict[str, Any]:
         """The member map of the protocol: {peer_id, public_key, addrs, meta, joined_at}."""
@@ -152,6 +154,17 @@ class Registry:
             "time": time.time() if wall_time is None else wall_time,
             "metrics": dict(metrics),
         })
+        return True
+
+    def update_links(
+        self, peer_id: str, session: int, links: dict[str, dict[str, Any]], now: float
+    ) -> bool:
+        """Replace the peer's view of its links; also counts as activity."""
+        member = self._owned(peer_id, session)
+        if member is None:
+            return False
+        member.last_seen = now
+        member.links = dict(links)
         return True
 
     def leave(self, peer_id: str, session: int) -> list[Event]:

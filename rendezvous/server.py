@@ -37,6 +37,7 @@ from overlay.protocol import (
     MsgType,
     check_addrs,
     check_job,
+    check_links,
     check_meta,
     check_signal,
     decode,
@@ -461,6 +462,9 @@ class RendezvousServer:
         elif msg_type is MsgType.REPORT:
             metrics = check_meta(fields["metrics"])
             owned = self.registry.report(conn.peer_id, conn.session, fields["epoch"], metrics, now)
+        elif msg_type is MsgType.LINKS:
+            links = check_links(fields["links"])
+            owned = self.registry.update_links(conn.peer_id, conn.session, links, now)
         elif msg_type is MsgType.SIGNAL:
             owned = self.registry.touch(conn.peer_id, conn.session, now)
             if owned:
@@ -547,6 +551,7 @@ class RendezvousServer:
             "epoch": latest["epoch"] if latest else None,
             "metrics": latest["metrics"] if latest else None,
             "history": list(member.history),
+            "links": dict(member.links),
         }
 
     async def _handle_dashboard(self, request: web.Request) -> web.Response:
