@@ -1,7 +1,9 @@
-"""A local swarm of real processes on loopback: one rendezvous and N peers.
+"""A local swarm of real processes: one rendezvous and N peers.
 
 Used by ``peerlearn demo``, the integration tests and the benchmarks. Each process logs to
 its own file in ``workdir``; peers also write JSON-lines events there (``peer-N.jsonl``).
+On loopback by default; with ``host=`` (a :class:`peerlearn.natlab.Host`) a process runs in
+that network namespace instead (the NAT lab).
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+
+class NamespaceHost(Protocol):
+    """What the swarm needs of a NAT-lab host (peerlearn.natlab.Host)."""
+
+    @property
+    def ip(self) -> str: ...
+
+    def argv(self, cmd: list[str]) -> list[str]: ...
 
 
 def free_port() -> int:
@@ -30,6 +41,7 @@ class LocalSwarm:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.rendezvous: subprocess.Popen[bytes] | None = None
         self.rendezvous_port = 0
+        self.rendezvous_ip = "127.0.0.1"
         self.peers: dict[int, subprocess.Popen[bytes]] = {}
         self._logs: list[Any] = []
 
@@ -39,31 +51,45 @@ class LocalSwarm:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None
+    def _spawn(self, name: str, args: list[str], host: NamespaceHost | None = None
                ) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop())
         self._logs.append(log)
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        return subprocess.Popen([sys.executable, "-m", "peerlearn", *args], stdout=log,
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "peerlearn", *args]
+        if host is not None:
+            argv = host.argv(argv)
+        return subprocess.Popen(argv, stdout=log,
                                 stderr=subprocess.STDOUT, env=full_env,
                                 start_new_session=True)  # Ctrl+C reaches only us, we stop them
 
     def start_rendezvous(self, *, ttl: float = 15.0, heartbeat: float = 5.0,
-                         port: int | None = None, timeout: float = 30.0) -> int:
-        self.rendezvous_port = port or free_port()
-        self.rendezvous = self._spawn("rendezvous", [
-            "rendezvous", "--host", "127.0.0.1", "--port", str(self.rendezvous_port),
-            "--ttl", str(ttl), "--heartbeat", str(heartbeat), "--stun-port", "0"])
+                         port: int | None = None, timeout: float = 30.0,
+                         host: NamespaceHost | None = None, extra: tuple[str, ...] = ()) -> int:
+        """Start the rendezvous and wait until it serves. On loopback (no ``host``) its STUN
+        port is picked freely unless ``extra`` says otherwise."""
+        self.rendezvous_ip = host.ip if host is not None else "127.0.0.1"
+        self.rendezvous_port = port or (5555 if host is not None else free_port())
+        args = ["rendezvous", "--host", self.rendezvous_ip, "--port", str(self.rendezvous_port),
+                "--ttl", str(ttl), "--heartbeat", str(heartbeat)]
+        if host is None and "--stun-port" not in extra:
+            args += ["--stun-port", "0"]
+        self.rendezvous = self._spawn("rendezvous", [*args, *extra], host)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.rendezvous.poll() is not None:
                 raise RuntimeError(f"rendezvous exited: {self.log('rendezvous')[-2000:]}")
+            if host is not None:  # its namespace is not reachable from here: read its log
+                if "rendezvous listening on" in self.log("rendezvous"):
+                    return self.rendezvous_port
+                time.sleep(0.1)
+                continue
             try:
                 self.http_json("/healthz")
                 return self.rendezvous_port
             except OSError:
                 time.sleep(0.1)
-        raise TimeoutError("rendezvous did not answer /healthz")
+        raise TimeoutError("the rendezvous did not start serving")
 
     def http_json(self, path: str) -> Any:
         url = f"http://127.0.0.1:{self.rendezvous_port}{path}"
@@ -71,14 +97,18 @@ class LocalSwarm:
             return json.load(response)
 
     def start_peer(self, num: int, total: int, epochs: int, *extra: str,
-                   threads: int | None = 1) -> subprocess.Popen[bytes]:
+                   threads: int | None = 1, host: NamespaceHost | None = None,
+                   listen: str | None = "127.0.0.1:0") -> subprocess.Popen[bytes]:
+        """Start peer ``num``; ``listen=None``: no ZeroMQ listener (a peer behind NAT)."""
         args = ["peer", "--num", str(num), "--total", str(total), "--epochs", str(epochs),
-                "--rendezvous", f"127.0.0.1:{self.rendezvous_port}",
-                "--listen", "127.0.0.1:0", "--key", str(self.workdir / f"peer-{num}.pem"),
+                "--rendezvous", f"{self.rendezvous_ip}:{self.rendezvous_port}",
+                "--key", str(self.workdir / f"peer-{num}.pem"),
                 "--events", str(self.events_path(num)), "--no-progress", *extra]
+        if listen is not None:
+            args += ["--listen", listen]
         if threads:
             args += ["--threads", str(threads)]
-        proc = self.peers[num] = self._spawn(f"peer-{num}", args)
+        proc = self.peers[num] = self._spawn(f"peer-{num}", args, host)
         return proc
 
     def events_path(self, num: int) -> Path:

@@ -1,0 +1,97 @@
+"""Peers behind real NATs (network namespaces, nftables) training together: WebRTC through
+port-restricted NATs, through coturn between symmetric NATs, and a mixed swarm with a public
+ZeroMQ peer. The rendezvous (with its STUN server) and coturn run on the lab's "internet"."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from peerlearn.natlab import NatLab, NatType, available
+from peerlearn.swarm import LocalSwarm
+
+pytestmark = pytest.mark.slow
+
+TURN_SECRET = "lab-secret"  # noqa: S105 (a throwaway secret for a lab that lives seconds)
+EPOCHS = 2
+
+
+@pytest.fixture
+def lab() -> Iterator[NatLab]:
+    reason = available(coturn=True)
+    if reason is not None:
+        pytest.skip(reason)
+    with NatLab() as lab:
+        yield lab
+
+
+def _start_services(lab: NatLab, swarm: LocalSwarm) -> None:
+    rdv = lab.add_server("rdv")
+    turn = lab.add_server("turn")
+    lab.start_coturn(turn, TURN_SECRET)
+    swarm.start_rendezvous(host=rdv, ttl=10, heartbeat=2, extra=(
+        "--stun-port", "3478", "--turn-url", f"turn:{turn.ip}:3478",
+        "--turn-secret", TURN_SECRET))
+
+
+def _run(swarm: LocalSwarm, peers: list[tuple[object, str | None]]) -> dict[int, str]:
+    """Start peers (host, listen address) with a shard each; wait; their peer ids."""
+    for num, (host, listen) in enumerate(peers):
+        swarm.start_peer(num, len(peers), EPOCHS, "--merge-wait", "120", host=host,  # type: ignore[arg-type]
+                         listen=listen)
+    codes = swarm.wait_peers(900)
+    assert all(code == 0 for code in codes.values()), f"exit codes {codes}"
+    return {n: swarm.events(n, "start")[0]["peer_id"] for n in range(len(peers))}
+
+
+def _links(swarm: LocalSwarm, num: int) -> dict[str, str]:
+    return {e["peer_id"]: e["kind"] for e in swarm.events(num, "link")}
+
+
+def _assert_everyone_merged_everyone(swarm: LocalSwarm, ids: dict[int, str]) -> None:
+    for num in ids:
+        others = {pid for n, pid in ids.items() if n != num}
+        epochs = swarm.events(num, "epoch")
+        assert [e["epoch"] for e in epochs] == list(range(1, EPOCHS + 1))
+        for record in epochs:
+            assert set(record["merged_from"]) == others, (num, record)
+
+
+def test_two_port_restricted_nats_connect_directly(lab: NatLab, tmp_path: Path) -> None:
+    with LocalSwarm(tmp_path) as swarm:
+        _start_services(lab, swarm)
+        homes = [lab.add_home(f"h{i}", NatType.PORT_RESTRICTED) for i in range(2)]
+        ids = _run(swarm, [(home.host, None) for home in homes])
+        for num in range(2):
+            assert _links(swarm, num) == {ids[1 - num]: "webrtc-direct"}
+        _assert_everyone_merged_everyone(swarm, ids)
+
+
+def test_two_symmetric_nats_connect_through_turn(lab: NatLab, tmp_path: Path) -> None:
+    with LocalSwarm(tmp_path) as swarm:
+        _start_services(lab, swarm)
+        homes = [lab.add_home(f"s{i}", NatType.SYMMETRIC) for i in range(2)]
+        ids = _run(swarm, [(home.host, None) for home in homes])
+        for num in range(2):
+            assert _links(swarm, num) == {ids[1 - num]: "webrtc-relay"}
+        _assert_everyone_merged_everyone(swarm, ids)
+
+
+def test_mixed_swarm_public_zmq_peer_and_two_natted_peers(lab: NatLab, tmp_path: Path) -> None:
+    with LocalSwarm(tmp_path) as swarm:
+        _start_services(lab, swarm)
+        public = lab.add_public_host("pub")
+        cone = lab.add_home("pr", NatType.PORT_RESTRICTED)
+        sym = lab.add_home("sy", NatType.SYMMETRIC)
+        ids = _run(swarm, [(public, f"{public.ip}:6000"), (cone.host, None), (sym.host, None)])
+        # towards the public peer everyone uses ZeroMQ; the public peer reaches the NATed ones
+        # over WebRTC, directly (its own address needs no punching); the two NATed peers need
+        # the relay (symmetric x port-restricted)
+        assert _links(swarm, 0) == {ids[1]: "webrtc-direct", ids[2]: "webrtc-direct"}
+        assert _links(swarm, 1)[ids[0]] == "zmq"
+        assert _links(swarm, 2)[ids[0]] == "zmq"
+        assert _links(swarm, 1)[ids[2]] == "webrtc-relay"
+        assert _links(swarm, 2)[ids[1]] == "webrtc-relay"
+        _assert_everyone_merged_everyone(swarm, ids)
