@@ -55,7 +55,8 @@ def test_late_joiner_starts_from_the_swarm_average(swarm: LocalSwarm) -> None:
     assert late["accuracy"] > max(s["accuracy"] for s in fresh) + 50, (late, fresh)
     first = swarm.events(3, "epoch")[0]
     assert first["epoch"] == late["epoch"] + 1 >= 2
-    assert first["acc_before"] > 90.0
+    # its first "before averaging" test is far above what a fresh model scores
+    assert first["acc_before"] > max(s["accuracy"] for s in fresh) + 50, (first, fresh)
     # and the incumbents took the newcomer's model into their average
     merged_late = [e for n in range(3) for e in swarm.events(n, "epoch")
                    if ids[3] in e["merged_from"]]
