@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from peerlearn.natlab import Host, NatLab, NatType, available  # noqa: E402
 from peerlearn.swarm import LocalSwarm  # noqa: E402
 
+RATIO_ROUNDS = 7  # transfers per connection for the ours-vs-bare comparison
 PROBE = Path(__file__).resolve().parent / "_natprobe.py"
 TURN_SECRET = "nat-bench-secret"  # noqa: S105 (a throwaway lab secret)
 BEHAVIOURS = ["public", "full-cone", "port-restricted", "symmetric"]
@@ -81,10 +82,11 @@ class Probe:
     result, its stderr goes to ``log``."""
 
     def __init__(self, host: Host, mode: str, rendezvous: str, job: str, log: Path,
-                 listen: str | None = None) -> None:
+                 listen: str | None = None, rounds: int = 3) -> None:
         self.log = log
         args = [str(PROBE), mode, "--rendezvous", rendezvous, "--job", job,
-                "--connect-timeout", str(CONNECT_TIMEOUT), "--deadline", str(PAIR_DEADLINE)]
+                "--connect-timeout", str(CONNECT_TIMEOUT), "--deadline", str(PAIR_DEADLINE),
+                "--rounds", str(rounds)]
         if listen is not None:
             args += ["--listen", listen]
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -115,13 +117,13 @@ class Probe:
 
 
 def run_pair(sender: Host, receiver: Host, mode: str, rendezvous: str, job: str,
-             logdir: Path, listens: tuple[str | None, str | None] = (None, None)
-             ) -> dict[str, Any]:
+             logdir: Path, listens: tuple[str | None, str | None] = (None, None),
+             rounds: int = 3) -> dict[str, Any]:
     """Receiver first, then sender; the sender's record (``error`` set when it failed)."""
     recv = Probe(receiver, f"{mode}-recv", rendezvous, job, logdir / f"{job}-recv.log",
-                 listens[1])
+                 listens[1], rounds)
     send = Probe(sender, f"{mode}-send", rendezvous, job, logdir / f"{job}-send.log",
-                 listens[0])
+                 listens[0], rounds)
     deadline = time.monotonic() + PAIR_DEADLINE
     got = send.result(deadline - time.monotonic())
     recv.result(max(5.0, deadline - time.monotonic()))
@@ -201,19 +203,22 @@ def main() -> int:
                 # between two port-restricted NATs either side may end up relayed when the
                 # TURN check wins the race. Only the same path is comparable: when a side did
                 # not get the path being measured, it connects again (a fresh job each time).
-                ours = {**rec, "tries": 1}
-                for attempt in range(2, PATH_ATTEMPTS + 1):
+                # Both sides of the comparison send RATIO_ROUNDS models on one connection
+                # each (medians), right after each other on the same hosts.
+                ours: dict[str, Any] = {}
+                for attempt in range(1, PATH_ATTEMPTS + 1):
                     if ours.get("kind") == want or ours.get("error"):
                         break
                     ours = {**run_pair(host_a, host_b, "ours", rendezvous,
-                                       f"ours{attempt}-{a}-{b}", logdir, (listen_a, listen_b)),
+                                       f"ours{attempt}-{a}-{b}", logdir, (listen_a, listen_b),
+                                       RATIO_ROUNDS),
                             "tries": attempt}
                     print(f"  ours {a} x {b} (try {attempt}): {ours.get('kind')}, "
                           f"{fmt(mb_s(ours), '.1f')} MB/s, times {ours.get('times')}",
                           file=sys.stderr)
                 for attempt in range(1, PATH_ATTEMPTS + 1):
                     base = run_pair(host_a, host_b, "bare", rendezvous,
-                                    f"bare{attempt}-{a}-{b}", logdir)
+                                    f"bare{attempt}-{a}-{b}", logdir, rounds=RATIO_ROUNDS)
                     base["tries"] = attempt
                     print(f"  bare {a} x {b} (try {attempt}): {base.get('kind')}, "
                           f"{fmt(mb_s(base), '.1f')} MB/s, times {base.get('times')}",
