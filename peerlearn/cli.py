@@ -112,10 +112,20 @@ def _add_peer(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument("--advertise", type=_host_port, default=None,
                    help="announce this HOST:PORT instead of the listen address")
     p.add_argument("--job", default="mnist", help="swarm name (default mnist)")
-    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist"],
+    p.add_argument("--dataset", default="digits",
+                   choices=["digits", "mnist", "fashion-mnist", "folder"],
                    help="digits: 10,000 real MNIST digits, offline (default); mnist: full MNIST "
-                   "(downloads, or IDX files in --data-dir); fashion-mnist: Debian's package")
+                   "(downloads, or IDX files in --data-dir); fashion-mnist: Debian's package; "
+                   "folder: your images in --data-dir, ImageFolder layout")
     p.add_argument("--data-dir", default=None, help="look for data set files here first")
+    p.add_argument("--data", dest="data_hook", default=None, metavar="MODULE:FUNCTION",
+                   help="your own data: a function returning (train, test) datasets")
+    p.add_argument("--model", dest="model_spec", default=None, metavar="MODULE:FACTORY",
+                   help="your own model: a function returning an nn.Module (default: the "
+                   "MNIST CNN); every peer of a job must use the same architecture")
+    p.add_argument("--partition", default="iid",
+                   help="how the training set is split among peers: iid (default), "
+                   "dirichlet:ALPHA (label skew), classes:K (K classes per peer)")
     p.add_argument("--epochs", type=int, default=3, help="local epochs (default 3)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch (default 64)")
     p.add_argument("--lr", type=float, default=1.0, help="Adadelta learning rate (default 1.0)")
@@ -129,6 +139,29 @@ def _add_peer(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                    "~/.local/share/peerlearn/peer-NUM.pem)")
     p.add_argument("--merge-wait", type=float, default=60.0,
                    help="seconds to wait for the others' models of an epoch (default 60)")
+    p.add_argument("--fanout", type=int, default=None, metavar="K",
+                   help="send each epoch's model to K random neighbours (default: everyone)")
+    p.add_argument("--staleness-exponent", type=float, default=0.5, metavar="A",
+                   help="a model S epochs behind weighs (S+1)^-A times its samples (default "
+                   "0.5; 0: no decay)")
+    p.add_argument("--max-staleness", type=int, default=10,
+                   help="refuse models more epochs behind than this (default 10)")
+    p.add_argument("--gate", action="store_true",
+                   help="refuse received models that score clearly worse than ours on a "
+                   "local validation split (10%% of our data)")
+    p.add_argument("--gate-margin", type=float, default=5.0,
+                   help="accuracy points below ours that the gate tolerates (default 5)")
+    p.add_argument("--codec", default="raw", choices=["raw", "fp16", "int8"],
+                   help="how our model travels: raw (default), fp16, int8 (blockwise)")
+    p.add_argument("--bootstrap-peers", type=int, default=3,
+                   help="a newcomer starts from the average of up to this many peers")
+    p.add_argument("--bootstrap-timeout", type=float, default=20.0,
+                   help="seconds a newcomer waits for its donors (default 20)")
+    p.add_argument("--checkpoint", dest="checkpoint_file", default=None,
+                   help="saved after every epoch (default ~/.local/share/peerlearn/"
+                   "JOB-peer-NUM.ckpt)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start afresh even if a checkpoint exists")
     p.add_argument("--linger", type=float, default=2.0,
                    help="seconds to keep serving after the last epoch (default 2)")
     p.add_argument("--events", dest="events_file", default=None,

@@ -103,6 +103,7 @@ class LocalSwarm:
         args = ["peer", "--num", str(num), "--total", str(total), "--epochs", str(epochs),
                 "--rendezvous", f"{self.rendezvous_ip}:{self.rendezvous_port}",
                 "--key", str(self.workdir / f"peer-{num}.pem"),
+                "--checkpoint", str(self.workdir / f"peer-{num}.ckpt"),
                 "--events", str(self.events_path(num)), "--no-progress", *extra]
         if listen is not None:
             args += ["--listen", listen]

@@ -1,0 +1,111 @@
+"""Which received models go into a merge, and with which weights.
+
+A received model's weight is its training-sample count times a staleness factor: a model
+``s`` epochs behind ours counts ``(s + 1) ** -a`` as much (FedAsync's polynomial staleness
+function, Xie et al. 2019; ``a = 0`` ignores staleness). Our own model has staleness 0.
+An optional gate refuses a model that scores clearly worse than ours on a small local
+validation split (a cheap guard against broken or hostile peers).
+
+Fan-out: with ``fanout = k`` every peer sends each epoch's model to ``k`` neighbours instead of
+to everybody. The neighbours are a ring over a permutation of the members that every peer
+derives from the job seed and the epoch, so each peer also knows exactly whose models to wait
+for (its ``k`` predecessors), and traffic grows linearly with the swarm.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """How received models are weighted and filtered."""
+
+    staleness_exponent: float = 0.5
+    """``a`` in ``(staleness + 1) ** -a``; 0 weighs stale models like fresh ones."""
+    max_staleness: int = 10
+    """Models more epochs behind than this are refused."""
+    gate: bool = False
+    """Refuse models that score clearly worse than ours on the local validation split."""
+    gate_margin: float = 5.0
+    """How many accuracy points worse than ours a model may be before the gate refuses it."""
+
+    def staleness_factor(self, staleness: int) -> float:
+        return float((max(0, staleness) + 1) ** -self.staleness_exponent)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A received model as the merge sees it."""
+
+    sender: str
+    epoch: int
+    samples: int
+
+
+@dataclass
+class MergePlan:
+    """The outcome: normalized weights of what goes in (ours under ``self_key``) and reasons
+    for what was refused."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def describe(self, self_key: str = "self") -> str:
+        parts = [f"{'ours' if k == self_key else k[:8]} {w:.3f}" for k, w in self.weights.items()]
+        text = "weights " + ", ".join(parts)
+        if self.refused:
+            text += "; refused " + ", ".join(f"{k[:8]} ({r})" for k, r in self.refused.items())
+        return text
+
+
+def plan_merge(
+    policy: MergePolicy,
+    own_epoch: int,
+    own_samples: int,
+    candidates: Sequence[Candidate],
+    *,
+    own_accuracy: float | None = None,
+    score: Callable[[str], float] | None = None,
+    self_key: str = "self",
+) -> MergePlan:
+    """Decide the weights. ``score(sender)`` (validation accuracy of that sender's model) is
+    only called when the gate is on and ``own_accuracy`` is known."""
+    plan = MergePlan()
+    raw: dict[str, float] = {self_key: float(own_samples)}
+    for cand in candidates:
+        staleness = own_epoch - cand.epoch
+        if staleness > policy.max_staleness:
+            plan.refused[cand.sender] = f"stale: {staleness} epochs behind"
+            continue
+        if policy.gate and own_accuracy is not None and score is not None:
+            accuracy = score(cand.sender)
+            if accuracy < own_accuracy - policy.gate_margin:
+                plan.refused[cand.sender] = (
+                    f"gate: {accuracy:.2f}% on validation < ours {own_accuracy:.2f}% "
+                    f"- {policy.gate_margin:g}"
+                )
+                continue
+        raw[cand.sender] = cand.samples * policy.staleness_factor(staleness)
+    total = sum(raw.values())
+    plan.weights = {k: v / total for k, v in raw.items()} if total > 0 else {self_key: 1.0}
+    return plan
+
+
+def neighbours(members: Sequence[str], me: str, epoch: int, fanout: int | None, seed: int
+               ) -> tuple[list[str], list[str]]:
+    """(send to, expect from) for ``me`` in ``epoch``; ``fanout`` None or >= n-1: everyone."""
+    others = sorted(m for m in set(members) if m != me)
+    if fanout is None or fanout >= len(others):
+        return others, others
+    if fanout < 1:
+        raise ValueError(f"fanout must be at least 1, got {fanout}")
+    ring = sorted([*others, me])
+    random.Random(seed * 1_000_003 + epoch).shuffle(ring)
+    pos = ring.index(me)
+    n = len(ring)
+    send_to = [ring[(pos + i) % n] for i in range(1, fanout + 1)]
+    expect_from = [ring[(pos - i) % n] for i in range(1, fanout + 1)]
+    return send_to, expect_from
