@@ -1,9 +1,11 @@
 """A training peer: the main loop that ties the learner to the overlay.
 
-Each epoch: train locally -> test ("before averaging") -> send the model to every reachable
-member -> wait (bounded) for the members' models of this epoch -> merge, weighted by training
-samples -> test ("after averaging") -> report to the rendezvous. A newcomer first fetches the
-current models of up to ``bootstrap_peers`` members and starts from their weighted average.
+Each epoch: train locally -> test ("before averaging") -> send the model to the neighbours
+(everyone, or ``fanout`` of them) -> wait (bounded) for the neighbours' models of this epoch ->
+merge, weighted by training samples and staleness, minus what the gate refuses -> test
+("after averaging") -> save a checkpoint -> report to the rendezvous. A newcomer first fetches
+the current models of up to ``bootstrap_peers`` members in parallel and starts from their
+weighted average; a restarted peer continues from its checkpoint.
 
 Torch work runs in a worker thread; the event loop keeps receiving meanwhile.
 """
@@ -11,22 +13,36 @@ Torch work runs in a worker thread; the event loop keeps receiving meanwhile.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from learner import checkpoint
 from learner.averaging import fingerprint, weighted_average
 from learner.convert import ModelMismatch, arrays_to_state, state_to_arrays
-from learner.data import load_dataset, shard
+from learner.data import load_dataset
+from learner.merge import Candidate, MergePolicy, neighbours, plan_merge
 from learner.model import build_model
+from learner.partition import split_dataset
+from learner.plugins import (
+    PluginError,
+    architecture_mismatch,
+    build_from_factory,
+    check_model_accepts,
+    load_data_hook,
+    load_model_factory,
+)
 from learner.train import (
     evaluate,
     make_optimizer,
@@ -37,33 +53,48 @@ from learner.train import (
 from overlay.errors import TransportError, WireError
 from overlay.host import Host, HostConfig
 from overlay.identity import Identity
-from overlay.wire import Limits, ModelMessage
+from overlay.wire import CODECS, Limits, ModelMessage
 
 log = logging.getLogger(__name__)
+
+DATA_HOME = os.path.expanduser("~/.local/share/peerlearn")
 
 
 @dataclass
 class PeerConfig:
-    """Everything a peer needs; the CLI only fills this in."""
+    """Everything a peer needs; the CLI only fills this in (and so can a Python script)."""
 
     num: int
-    """This peer's shard index, 0 <= num < total."""
+    """This peer's part of the data, 0 <= num < total."""
     total: int
-    """Number of equal shards the training set is split into."""
+    """Number of parts the training set is split into."""
     rendezvous: str
     """Rendezvous address, HOST:PORT."""
     listen: str | None = None
-    """ZeroMQ listen address HOST:PORT (port 0 picks one); None: not reachable over ZeroMQ."""
+    """ZeroMQ listen address HOST:PORT (port 0 picks one); None: reached over WebRTC only."""
     advertise: str | None = None
     """Address to announce instead of the bound one (port forwarding)."""
     job: str = "mnist"
     """Swarm name; all peers of a job train the same model."""
     dataset: str = "digits"
-    """digits (offline, 10,000 real MNIST digits), mnist (full, downloads), fashion-mnist."""
+    """digits (offline, 10,000 real MNIST digits), mnist (full, downloads), fashion-mnist,
+    folder (an ImageFolder tree in ``data_dir``)."""
     data_dir: str | None = None
     """Where to look for the data set's files before downloading."""
+    data_hook: str | None = None
+    """``package.module:function`` returning (train, test) datasets: your own data."""
+    train_set: Dataset[Any] | None = None
+    """Your own training data as an object (Python API); overrides dataset and data_hook."""
+    test_set: Dataset[Any] | None = None
+    """Your own test data as an object (Python API)."""
+    partition: str = "iid"
+    """How the training set is split among peers: iid, dirichlet:ALPHA, classes:K."""
+    model_spec: str | None = None
+    """``package.module:factory`` returning an nn.Module: your own model (default: the CNN)."""
+    model_factory: Callable[[], nn.Module] | None = None
+    """Your own model factory as an object (Python API); overrides model_spec."""
     epochs: int = 3
-    """Local epochs to train."""
+    """Epochs this peer trains (a resumed peer trains only the rest)."""
     batch_size: int = 64
     test_batch_size: int = 1000
     lr: float = 1.0
@@ -78,18 +109,48 @@ class PeerConfig:
     """torch CPU threads (None: torch's default)."""
     key_file: str | None = None
     """Identity key (created on first run); default ~/.local/share/peerlearn/peer-NUM.pem."""
+    checkpoint_file: str | None = None
+    """Saved after every epoch; default ~/.local/share/peerlearn/JOB-peer-NUM.ckpt."""
+    resume: bool = True
+    """Continue from the checkpoint if there is one."""
     merge_wait: float = 60.0
-    """How long to wait for the other members' models of an epoch before merging what came.
-    Models arriving later are merged at the next epoch."""
+    """How long to wait for the neighbours' models of an epoch before merging what came.
+    Models arriving later are merged at the next epoch (weighted down as stale)."""
+    fanout: int | None = None
+    """Send each epoch's model to this many neighbours (None: to every member)."""
+    staleness_exponent: float = 0.5
+    """A model s epochs behind weighs (s+1)^-a times its samples (FedAsync); 0: no decay."""
+    max_staleness: int = 10
+    """Refuse models more epochs behind than this."""
+    gate: bool = False
+    """Refuse received models that score clearly worse than ours on a local validation split."""
+    gate_margin: float = 5.0
+    """Accuracy points a received model may be below ours before the gate refuses it."""
+    val_fraction: float = 0.1
+    """Part of the local training data held out for the gate (only when the gate is on)."""
+    codec: str = "raw"
+    """How our model travels: raw, fp16, int8 (blockwise)."""
     bootstrap_peers: int = 3
     """A newcomer averages the current models of up to this many members."""
+    bootstrap_timeout: float = 20.0
+    """A newcomer waits this long for its donors, then uses what arrived."""
     linger: float = 2.0
     """Seconds to keep serving after the last epoch (late fetches, final deliveries)."""
     events_file: str | None = None
-    """Append one JSON object per event (start, epoch, done) to this file."""
+    """Append one JSON object per event (start, epoch, done, ...) to this file."""
     progress: bool = True
     """Show a progress bar while training."""
     limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num < self.total:
+            raise ValueError(f"--num must be in 0..{self.total - 1}, got {self.num}")
+        if self.codec not in CODECS:
+            raise ValueError(f"--codec must be one of {sorted(CODECS)}, got {self.codec!r}")
+        if self.fanout is not None and self.fanout < 1:
+            raise ValueError(f"--fanout must be at least 1, got {self.fanout}")
+        if (self.train_set is None) != (self.test_set is None):
+            raise ValueError("give both train_set and test_set, or neither")
 
 
 class EventLog:
@@ -124,7 +185,7 @@ def _tcp(address: str | None) -> str | None:
 
 
 class _Bar:
-    """A one-line progress bar on stderr (only when it is a terminal, or forced)."""
+    """A one-line progress bar on stderr."""
 
     def __init__(self, label: str, enabled: bool) -> None:
         self.label = label
@@ -144,29 +205,61 @@ class _Bar:
         sys.stderr.flush()
 
 
+def _make_model(config: PeerConfig) -> nn.Module:
+    """The job's model with the job's initial weights (the same in every peer)."""
+    seed = config.seed if config.seed is not None else job_seed(config.job)
+    factory = config.model_factory
+    if factory is None and config.model_spec:
+        factory = load_model_factory(config.model_spec)
+    if factory is None:
+        return build_model(seed)
+    model = build_from_factory(factory, seed)
+    if not isinstance(model, nn.Module):
+        raise PluginError(f"the model factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _load_data(config: PeerConfig) -> tuple[Dataset[Any], Dataset[Any], str]:
+    """(this peer's training data, the test data, how it was made); in a worker thread."""
+    if config.train_set is not None and config.test_set is not None:
+        train, test, presplit = config.train_set, config.test_set, False
+    elif config.data_hook:
+        train, test, presplit = load_data_hook(config.data_hook, config.num, config.total)
+    else:
+        train, test = load_dataset(config.dataset, config.data_dir)
+        presplit = False
+    if presplit:  # a hook that took (num, total) returned this peer's own part
+        return train, test, "own part"
+    part = split_dataset(train, config.num, config.total, config.partition)
+    return part, test, f"{config.partition} part {config.num} of {config.total}"
+
+
 class Peer:
     """One peer's state; ``run()`` is the whole life of the peer."""
 
     def __init__(self, config: PeerConfig) -> None:
-        if not 0 <= config.num < config.total:
-            raise ValueError(f"--num must be in 0..{config.total - 1}, got {config.num}")
         self.config = config
         self.events = EventLog(config.events_file, config.num)
         self.device = pick_device(config.device)
-        self.model = build_model(config.seed if config.seed is not None else job_seed(config.job))
-        self.model.to(self.device)
+        self.model = _make_model(config).to(self.device)
         self.reference = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         self.fingerprint = fingerprint(self.reference)
         self.optimizer = make_optimizer(self.model, config.lr)
         self.scheduler = make_scheduler(self.optimizer, config.gamma)
-        self.epoch = 0
+        self.policy = MergePolicy(config.staleness_exponent, config.max_staleness, config.gate,
+                                  config.gate_margin)
+        self.epoch = 0  # the swarm's epoch numbering (a newcomer continues its donors')
+        self.epochs_trained = 0  # epochs this peer trained itself
         self.samples = 0
         self.pending: dict[str, ModelMessage] = {}  # newest unmerged model per sender
         self.bytes_sent = 0
         self.models_received = 0
         self.host: Host | None = None
+        self.val_loader: DataLoader[Any] | None = None
         self._sends: set[asyncio.Task[None]] = set()
         self._mismatched: set[str] = set()
+        self.checkpoint_file = config.checkpoint_file or os.path.join(
+            DATA_HOME, f"{config.job}-peer-{config.num}.ckpt")
 
     # ---- checks on what arrives ------------------------------------------------------------
 
@@ -175,7 +268,10 @@ class Peer:
         try:
             state = arrays_to_state(msg.arrays, self.reference, share_readonly=True)
         except ModelMismatch as exc:
-            raise WireError("model_mismatch", str(exc)) from exc
+            raise WireError(
+                "model_mismatch",
+                f"{exc} (the sender trains another architecture; all peers of a job need the "
+                f"same model: fingerprint {self.fingerprint[:16]} here)") from exc
         for name, tensor in state.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise WireError("non_finite", f"{name} holds NaN or Inf")
@@ -201,10 +297,17 @@ class Peer:
             if member.get("meta", {}).get("fingerprint") != self.fingerprint[:16]:
                 if pid not in self._mismatched:
                     self._mismatched.add(pid)
-                    log.warning("ignoring %s: it trains a different model architecture", pid)
+                    log.warning("%s", architecture_mismatch(
+                        self.fingerprint, str(member.get("meta", {}).get("fingerprint", "?")),
+                        peer=pid))
                 continue
             partners.append(pid)
         return partners
+
+    def _neighbours(self, epoch: int) -> tuple[list[str], list[str]]:
+        assert self.host is not None
+        return neighbours(self._partners(), self.host.peer_id, epoch, self.config.fanout,
+                          job_seed(self.config.job))
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -212,19 +315,26 @@ class Peer:
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        train_set, test_set = await asyncio.to_thread(load_dataset, cfg.dataset, cfg.data_dir)
-        train_shard = shard(train_set, cfg.num, cfg.total)
-        self.samples = len(train_shard)
+        train_part, test_set, how = await asyncio.to_thread(_load_data, cfg)
+        await asyncio.to_thread(check_model_accepts, self.model, train_part,
+                                cfg.model_spec or "the model")
+        if cfg.gate:
+            cut = max(1, int(len(train_part) * cfg.val_fraction))  # type: ignore[arg-type]
+            indices = list(range(len(train_part)))  # type: ignore[arg-type]
+            val_part = Subset(train_part, indices[-cut:])
+            train_part = Subset(train_part, indices[:-cut])
+            self.val_loader = DataLoader(val_part, batch_size=cfg.test_batch_size)
+        self.samples = len(train_part)  # type: ignore[arg-type]
+        if self.samples == 0:
+            raise ValueError(f"peer {cfg.num} got no training samples ({how})")
         generator = torch.Generator().manual_seed(job_seed(cfg.job) + cfg.num)
-        train_loader = DataLoader(train_shard, batch_size=cfg.batch_size, shuffle=True,
+        train_loader = DataLoader(train_part, batch_size=cfg.batch_size, shuffle=True,
                                   generator=generator)
         test_loader = DataLoader(test_set, batch_size=cfg.test_batch_size)
-        key_file = cfg.key_file or os.path.join(
-            os.path.expanduser("~/.local/share/peerlearn"), f"peer-{cfg.num}.pem"
-        )
+        key_file = cfg.key_file or os.path.join(DATA_HOME, f"peer-{cfg.num}.pem")
         identity = Identity.load_or_create(key_file)
         meta = {"num": cfg.num, "samples": self.samples, "fingerprint": self.fingerprint[:16],
-                "dataset": cfg.dataset}
+                "dataset": cfg.dataset, "partition": cfg.partition, "codec": cfg.codec}
         host = self.host = Host(
             identity,
             HostConfig(rendezvous=cfg.rendezvous, job=cfg.job, listen=_tcp(cfg.listen),
@@ -234,49 +344,88 @@ class Peer:
             on_member_event=self._member_event,
         )
         await host.start()
-        log.info("peer %d is %s; %d training samples; %d members in job %r", cfg.num,
-                 identity.peer_id, self.samples, len(host.members), cfg.job)
+        log.info("peer %d is %s; %d training samples (%s); %d members in job %r", cfg.num,
+                 identity.peer_id, self.samples, how, len(host.members), cfg.job)
         try:
-            await self._bootstrap(test_loader)
+            resumed = await asyncio.to_thread(self._resume)
+            if not resumed:
+                await self._bootstrap()
+            await self._start_event(test_loader, resumed)
             history = []
-            for _ in range(cfg.epochs):
+            while self.epochs_trained < cfg.epochs:
                 history.append(await self._epoch(train_loader, test_loader))
             await self._finish()
         finally:
             await self._cancel_sends()
             await host.close()
             self.events.close()
-        summary = {"peer_id": identity.peer_id, "epochs": history, "bytes_sent": self.bytes_sent,
-                   "models_received": self.models_received}
-        return summary
+        return {"peer_id": identity.peer_id, "epochs": history, "bytes_sent": self.bytes_sent,
+                "models_received": self.models_received}
 
-    async def _bootstrap(self, test_loader: DataLoader) -> None:
+    def _resume(self) -> bool:
+        if not self.config.resume:
+            return False
+        ckpt = checkpoint.load(self.checkpoint_file, self.fingerprint)
+        if ckpt is None:
+            return False
+        self.model.load_state_dict(ckpt.model)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.scheduler.load_state_dict(ckpt.scheduler)
+        self.epoch, self.epochs_trained = ckpt.epoch, ckpt.epochs_trained
+        log.info("resumed from %s: epoch %d, %d of %d epochs trained", self.checkpoint_file,
+                 self.epoch, self.epochs_trained, self.config.epochs)
+        if self.epochs_trained >= self.config.epochs:
+            log.warning("this peer already trained %d of %d epochs: nothing to do "
+                        "(--no-resume starts afresh, --epochs trains more)",
+                        self.epochs_trained, self.config.epochs)
+        return True
+
+    def _save(self) -> None:
+        checkpoint.save(self.checkpoint_file, checkpoint.Checkpoint(
+            epoch=self.epoch, epochs_trained=self.epochs_trained, fingerprint=self.fingerprint,
+            model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict()))
+
+    async def _bootstrap(self) -> None:
+        """Start from the weighted average of up to k members' current models."""
         assert self.host is not None
         donors = self._partners()[: self.config.bootstrap_peers]
-        used: list[str] = []
-        if donors:
-            results = await asyncio.gather(*(self.host.fetch_model(p) for p in donors),
-                                           return_exceptions=True)
-            got = []
-            for pid, result in zip(donors, results, strict=True):
-                if isinstance(result, BaseException):
-                    log.info("bootstrap: no model from %s (%s)", pid, result)
-                    continue
-                got.append(result)
-                used.append(pid)
-            if got:
-                state = await asyncio.to_thread(
-                    weighted_average, [(m.extra["state"], m.samples) for m in got])
-                self.model.load_state_dict(state)
-                self.epoch = max(m.epoch for m in got)
-                log.info("bootstrapped from %d peers at epoch %d", len(got), self.epoch)
-        initial = await asyncio.to_thread(evaluate, self.model, test_loader, self.device)
-        log.info("start: accuracy %.2f%% (%s)", initial["accuracy"],
-                 f"average of {len(used)} peers" if used else "fresh model")
-        self.events.emit("start", peer_id=self.host.peer_id, accuracy=initial["accuracy"],
-                         bootstrapped_from=used, epoch=self.epoch, samples=self.samples)
+        self.bootstrapped_from: list[str] = []
+        if not donors:
+            return
+        tasks = {asyncio.create_task(self.host.fetch_model(p)): p for p in donors}
+        done, pending = await asyncio.wait(tasks, timeout=self.config.bootstrap_timeout)
+        for task in pending:
+            log.info("bootstrap: %s too slow, going on without it", tasks[task])
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        got = []
+        for task in done:
+            if task.exception() is not None:
+                log.info("bootstrap: no model from %s (%s)", tasks[task], task.exception())
+                continue
+            got.append(task.result())
+            self.bootstrapped_from.append(tasks[task])
+        if got:
+            state = await asyncio.to_thread(
+                weighted_average, [(m.extra["state"], m.samples) for m in got])
+            self.model.load_state_dict(state)
+            self.epoch = max(m.epoch for m in got)
+            log.info("bootstrapped from %d peers at epoch %d", len(got), self.epoch)
 
-    async def _epoch(self, train_loader: DataLoader, test_loader: DataLoader) -> dict[str, Any]:
+    async def _start_event(self, test_loader: DataLoader[Any], resumed: bool) -> None:
+        assert self.host is not None
+        initial = await asyncio.to_thread(evaluate, self.model, test_loader, self.device)
+        used = getattr(self, "bootstrapped_from", [])
+        origin = ("checkpoint" if resumed else
+                  f"average of {len(used)} peers" if used else "fresh model")
+        log.info("start: accuracy %.2f%% (%s)", initial["accuracy"], origin)
+        self.events.emit("start", peer_id=self.host.peer_id, accuracy=initial["accuracy"],
+                         bootstrapped_from=used, resumed=resumed, epoch=self.epoch,
+                         epochs_trained=self.epochs_trained, samples=self.samples)
+
+    async def _epoch(self, train_loader: DataLoader[Any], test_loader: DataLoader[Any]
+                     ) -> dict[str, Any]:
         assert self.host is not None
         cfg = self.config
         self.epoch += 1
@@ -286,48 +435,83 @@ class Peer:
         stats = await asyncio.to_thread(train_epoch, self.model, train_loader, self.optimizer,
                                         self.device, bar)
         self.scheduler.step()
+        self.epochs_trained += 1
         train_s = time.monotonic() - started
         before = await asyncio.to_thread(evaluate, self.model, test_loader, self.device)
         log.info("epoch %d: trained in %.1f s (loss %.4f); test before averaging: %.2f%%",
                  epoch, train_s, stats["loss"], before["accuracy"])
 
         await self._cancel_sends()  # the previous round had its chance
+        send_to, expect_from = self._neighbours(epoch)
         snapshot = state_to_arrays(self.model.state_dict(), copy=True)
         msg = ModelMessage(job=cfg.job, sender=self.host.peer_id, epoch=epoch,
-                           samples=self.samples, arrays=snapshot)
-        frames, request_id = await asyncio.to_thread(self.host.encode, msg)
-        targets = self._partners()
+                           samples=self.samples, arrays=snapshot, codec=cfg.codec)
+        try:
+            frames, request_id = await asyncio.to_thread(self.host.encode, msg)
+        except WireError as exc:  # e.g. a value beyond fp16's range: send this one raw
+            log.warning("epoch %d: cannot send as %s (%s); sending raw", epoch, cfg.codec, exc)
+            msg.codec = "raw"
+            frames, request_id = await asyncio.to_thread(self.host.encode, msg)
         size = sum(len(f) for f in frames)
-        for pid in targets:
+        for pid in send_to:
             task = asyncio.create_task(self._send(pid, frames, request_id, size))
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
-        log.info("epoch %d: sending to %d peers (%.1f MB each)", epoch, len(targets), size / 1e6)
+        log.info("epoch %d: sending to %d peers (%.2f MB each, %s)", epoch, len(send_to),
+                 size / 1e6, cfg.codec)
 
-        received = await self._collect(epoch)
-        merged_from = sorted(received)
-        if received:
-            inputs = [(self.model.state_dict(), float(self.samples))]
-            inputs += [(m.extra["state"], float(m.samples)) for m in received.values()]
-            state = await asyncio.to_thread(weighted_average, inputs)
-            self.model.load_state_dict(state)
+        received = await self._collect(epoch, expect_from)
+        plan, merged = await asyncio.to_thread(self._merge, received)
         after = await asyncio.to_thread(evaluate, self.model, test_loader, self.device)
-        weights = {pid: m.samples for pid, m in received.items()}
-        log.info("epoch %d: merged %d models %s; test after averaging: %.2f%%", epoch,
-                 len(received), weights or "", after["accuracy"])
-        self.host.publish(ModelMessage(job=cfg.job, sender=self.host.peer_id, epoch=epoch,
-                                       samples=self.samples,
-                                       arrays=state_to_arrays(self.model.state_dict(), copy=True)))
+        log.info("epoch %d: merged %s; test after averaging: %.2f%%", epoch,
+                 plan.describe(self.host.peer_id), after["accuracy"])
+        current = ModelMessage(job=cfg.job, sender=self.host.peer_id, epoch=epoch,
+                               samples=self.samples, codec=cfg.codec,
+                               arrays=state_to_arrays(self.model.state_dict(), copy=True))
+        try:
+            self.host.publish(current)
+        except WireError:  # not representable in the codec: newcomers get it raw
+            current.codec = "raw"
+            self.host.publish(current)
+        await asyncio.to_thread(self._save)
         record = {"epoch": epoch, "train_loss": stats["loss"], "train_s": round(train_s, 3),
                   "acc_before": before["accuracy"], "acc_after": after["accuracy"],
-                  "merged_from": merged_from,
-                  "merged_epochs": {pid: m.epoch for pid, m in received.items()},
+                  "merged_from": sorted(merged),
+                  "merged_epochs": {pid: received[pid].epoch for pid in merged},
+                  "weights": {("self" if k == self.host.peer_id else k): round(w, 5)
+                              for k, w in plan.weights.items()},
+                  "refused": plan.refused, "sent_to": send_to,
                   "bytes_sent": self.bytes_sent, "models_received": self.models_received}
         self.events.emit("epoch", **record)
         await self.host.report(epoch, {"acc_before": before["accuracy"],
                                        "acc_after": after["accuracy"],
-                                       "merged": len(received), "bytes_sent": self.bytes_sent})
+                                       "merged": len(merged), "bytes_sent": self.bytes_sent})
         return record
+
+    def _merge(self, received: dict[str, ModelMessage]) -> tuple[Any, list[str]]:
+        """Plan the weights (staleness, gate) and merge; runs in a worker thread."""
+        assert self.host is not None
+        own_key = self.host.peer_id
+        own_accuracy = None
+        if self.policy.gate and self.val_loader is not None and received:
+            own_accuracy = float(evaluate(self.model, self.val_loader, self.device)["accuracy"])
+
+        def score(sender: str) -> float:
+            assert self.val_loader is not None
+            probe = copy.deepcopy(self.model)
+            probe.load_state_dict(received[sender].extra["state"])
+            return float(evaluate(probe, self.val_loader, self.device)["accuracy"])
+
+        plan = plan_merge(
+            self.policy, self.epoch, self.samples,
+            [Candidate(pid, m.epoch, m.samples) for pid, m in received.items()],
+            own_accuracy=own_accuracy, score=score, self_key=own_key)
+        merged = [pid for pid in plan.weights if pid != own_key]
+        if merged:
+            inputs = [(self.model.state_dict(), plan.weights[own_key])]
+            inputs += [(received[pid].extra["state"], plan.weights[pid]) for pid in merged]
+            self.model.load_state_dict(weighted_average(inputs))
+        return plan, merged
 
     async def _send(self, peer_id: str, frames: Any, request_id: str, size: int) -> None:
         assert self.host is not None
@@ -352,16 +536,18 @@ class Peer:
             if old is None or msg.epoch >= old.epoch:
                 self.pending[msg.sender] = msg
 
-    async def _collect(self, epoch: int) -> dict[str, ModelMessage]:
-        """Wait until every reachable member's model of ``epoch`` is here, or merge_wait."""
+    async def _collect(self, epoch: int, expect_from: list[str]) -> dict[str, ModelMessage]:
+        """Wait until the expected neighbours' models of ``epoch`` are here, or merge_wait.
+        Whatever else arrived meanwhile is merged too."""
         assert self.host is not None
         host = self.host
         deadline = time.monotonic() + self.config.merge_wait
         while True:
             host.changed.clear()
             self._drain()
-            waiting = [pid for pid in self._partners()
-                       if pid not in self.pending or self.pending[pid].epoch < epoch]
+            members = set(host.members)
+            waiting = [pid for pid in expect_from if pid in members
+                       and (pid not in self.pending or self.pending[pid].epoch < epoch)]
             remaining = deadline - time.monotonic()
             if not waiting or remaining <= 0:
                 break
@@ -379,13 +565,10 @@ class Peer:
         if self._sends:
             await asyncio.wait(set(self._sends), timeout=max(self.config.linger, 5.0))
         await asyncio.sleep(self.config.linger)
-        self.events.emit("done", epoch=self.epoch, bytes_sent=self.bytes_sent,
-                         models_received=self.models_received)
+        self.events.emit("done", epoch=self.epoch, epochs_trained=self.epochs_trained,
+                         bytes_sent=self.bytes_sent, models_received=self.models_received)
 
 
 async def run_peer(config: PeerConfig) -> dict[str, Any]:
-    """Run one peer to the end; returns its summary."""
+    """Run one peer to the end; returns its summary (Python API: ``asyncio.run(run_peer(c))``)."""
     return await Peer(config).run()
-
-
-__all__ = ["Peer", "PeerConfig", "run_peer"]

@@ -1,16 +1,20 @@
-"""Wire format for models: a msgpack header plus one raw payload frame per named array.
+"""Wire format for models: a msgpack header plus one payload frame per named array.
 
     frames = [header, payload_0, payload_1, ...]
-    header = msgpack {"v": 1, "type": "model", "job", "sender", "epoch", "samples", "codec",
-                      "arrays": [[name, dtype, [dim, ...]], ...], "digest", "signature",
+    header = msgpack {"v": 1, "type": "model", "job", "sender", "epoch", "samples",
+                      "codec" ("raw" | "fp16" | "int8"), "block" (int8 only),
+                      "arrays": [[name, dtype, [dim, ...], enc], ...], "digest", "signature",
                       "request_id" (optional: the answer to a get_model request)}
 
+``dtype`` and ``shape`` are the original array's, ``enc`` how its payload is encoded: the
+message's codec for floating arrays, ``raw`` for the others (see overlay.codecs).
 ``digest`` = SHA-256 over the canonical metadata and the SHA-256 of every 1 MiB piece of every
-payload (a hash list, so large payloads hash on several cores); ``signature`` =
+(encoded) payload (a hash list, so large payloads hash on several cores); ``signature`` =
 Ed25519(DOMAIN_MODEL + digest) by the sender. The receiver checks, before it allocates
-anything: header size, array count, names, dtype allow-list, ndim, that each payload's length
-is exactly prod(shape) * itemsize, the total size; then the digest and the signature against
-the sender's known public key.
+anything: header size, codec and block, array count, names, dtype allow-list, ndim, encoding,
+the total size (payloads and reconstructed arrays), that each payload's length is exactly what
+its encoding, dtype and shape give; the int8 scales; then the digest and the signature against
+the sender's known public key; only then does it reconstruct the arrays.
 Nothing is ever unpickled: payloads become numpy arrays with ``np.frombuffer``.
 
 Control messages on the same sockets are one-frame msgpack maps with a ``type``:
@@ -32,16 +36,11 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from overlay.codecs import ALLOWED_DTYPES, BLOCK, CODECS, ENCODINGS, MAX_BLOCK, encoding_for
 from overlay.errors import WireError
 from overlay.identity import DOMAIN_MODEL, Identity, verify_signature
 
 WIRE_VERSION = 1
-
-# Only plain numeric dtypes travel; object/void/structured dtypes could smuggle anything.
-ALLOWED_DTYPES = frozenset(
-    ["float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]
-)
-CODECS = frozenset(["raw"])
 _PARALLEL_HASH_BYTES = 1 << 20
 HASH_CHUNK = 1 << 20
 _hash_pool: ThreadPoolExecutor | None = None
@@ -71,7 +70,7 @@ class Limits:
     """What a receiver accepts; anything beyond is rejected before it is allocated."""
 
     max_total_bytes: int = 512 * 1024 * 1024
-    """Sum of all payloads of one model."""
+    """Sum of all payloads of one model, and separately of all its reconstructed arrays."""
     max_arrays: int = 4096
     """Named arrays per model."""
     max_ndim: int = 8
@@ -92,6 +91,7 @@ class ModelMessage:
     samples: int
     arrays: list[NamedArray]
     codec: str = "raw"
+    """How floating arrays travel: "raw", "fp16" or "int8" (overlay.codecs)."""
     digest: bytes = b""
     request_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -102,10 +102,16 @@ class ModelMessage:
 
 
 def _canonical_meta(
-    job: str, sender: str, epoch: int, samples: int, codec: str, specs: list[list[Any]]
+    job: str,
+    sender: str,
+    epoch: int,
+    samples: int,
+    codec: str,
+    block: int | None,
+    specs: list[list[Any]],
 ) -> bytes:
     return msgpack.packb(
-        [WIRE_VERSION, job, sender, epoch, samples, codec, specs], use_bin_type=True
+        [WIRE_VERSION, job, sender, epoch, samples, codec, block, specs], use_bin_type=True
     )
 
 
@@ -145,29 +151,27 @@ def _digest(meta: bytes, payloads: Sequence[memoryview | bytes]) -> bytes:
     return h.digest()
 
 
-def _as_payload(array: np.ndarray) -> memoryview:
-    # Little-endian on the wire: a big-endian array's dtype.name is the same ("float32").
-    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    if array.nbytes == 0:
-        return memoryview(b"")  # memoryview cannot cast a view with zeros in its shape
-    return array.data.cast("B")
-
-
 def model_parts(msg: ModelMessage, identity: Identity) -> tuple[dict[str, Any], list[memoryview]]:
     """The header map and the payloads of ``msg``, signed by ``identity``.
 
-    Payloads are views of the arrays, not copies: the arrays must not change until sent.
+    Raw payloads are views of the arrays, not copies: the arrays must not change until sent.
     ``request_id`` is outside the digest, so a header may be re-packed with another one.
+    Raises WireError ``bad_codec`` for an unknown codec, ``non_finite`` for NaN/Inf in an array
+    to be encoded lossily, ``fp16_overflow`` for |x| > 65504 under fp16 (send raw instead).
     """
+    if msg.codec not in CODECS:
+        raise WireError("bad_codec", f"codec {msg.codec[:40]!r} not supported")
+    block = BLOCK if msg.codec == "int8" else None
     specs: list[list[Any]] = []
     payloads: list[memoryview] = []
     for item in msg.arrays:
         dtype = item.array.dtype.name
         if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             raise WireError("bad_dtype", f"{item.name}: dtype {dtype} cannot be sent")
-        specs.append([item.name, dtype, list(item.array.shape)])
-        payloads.append(_as_payload(item.array))
-    meta = _canonical_meta(msg.job, msg.sender, msg.epoch, msg.samples, msg.codec, specs)
+        enc = encoding_for(msg.codec, dtype)
+        specs.append([item.name, dtype, list(item.array.shape), enc])
+        payloads.append(ENCODINGS[enc].encode(item.name, item.array, block or BLOCK))
+    meta = _canonical_meta(msg.job, msg.sender, msg.epoch, msg.samples, msg.codec, block, specs)
     digest = _digest(meta, payloads)
     header: dict[str, Any] = {
         "v": WIRE_VERSION,
@@ -177,6 +181,7 @@ def model_parts(msg: ModelMessage, identity: Identity) -> tuple[dict[str, Any], 
         "epoch": msg.epoch,
         "samples": msg.samples,
         "codec": msg.codec,
+        **({} if block is None else {"block": block}),
         "arrays": specs,
         "digest": digest,
         "signature": identity.sign(DOMAIN_MODEL + digest),
@@ -229,9 +234,21 @@ def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> 
     return value
 
 
-def _check_specs(
-    raw_specs: Any, limits: Limits
-) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
+@dataclass(frozen=True)
+class _Spec:
+    """One array spec of a received header, checked."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    enc: str
+    payload_nbytes: int
+
+    def as_list(self) -> list[Any]:
+        return [self.name, self.dtype.name, list(self.shape), self.enc]
+
+
+def _check_specs(raw_specs: Any, codec: str, block: int, limits: Limits) -> list[_Spec]:
     if not isinstance(raw_specs, list):
         raise WireError("malformed", "arrays is not a list")
     if len(raw_specs) > limits.max_arrays:
@@ -239,10 +256,11 @@ def _check_specs(
     out = []
     names: set[str] = set()
     total = 0
+    total_payload = 0
     for spec in raw_specs:
-        if not (isinstance(spec, list) and len(spec) == 3):
-            raise WireError("malformed", "array spec is not [name, dtype, shape]")
-        name, dtype, shape = spec
+        if not (isinstance(spec, list) and len(spec) == 4):
+            raise WireError("malformed", "array spec is not [name, dtype, shape, enc]")
+        name, dtype, shape, enc = spec
         if not isinstance(name, str) or not 0 < len(name) <= limits.max_name_len:
             raise WireError("bad_name", f"array name {str(name)[:80]!r}")
         if name in names:
@@ -256,15 +274,21 @@ def _check_specs(
             )
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise WireError("bad_shape", f"{name}: dimensions must be non-negative integers")
+        if not isinstance(enc, str) or enc != encoding_for(codec, dtype):
+            raise WireError(
+                "bad_codec", f"{name}: encoding {str(enc)[:40]!r} for {dtype} under {codec}"
+            )
         np_dtype = np.dtype(dtype)
-        nbytes = math.prod(shape) * np_dtype.itemsize  # Python ints: no overflow
-        total += nbytes
-        if total > limits.max_total_bytes:
+        n = math.prod(shape)  # Python ints: no overflow
+        total += n * np_dtype.itemsize
+        payload_nbytes = ENCODINGS[enc].payload_nbytes(n, np_dtype, block)
+        total_payload += payload_nbytes
+        if max(total, total_payload) > limits.max_total_bytes:
             raise WireError("too_large", f"model larger than {limits.max_total_bytes} bytes")
         if math.prod(d or 1 for d in shape) * np_dtype.itemsize > limits.max_total_bytes:
             # empty, but numpy cannot even describe it (e.g. [0, 2**40, 2**40])
             raise WireError("bad_shape", f"{name}: shape {shape} is too large")
-        out.append((name, np_dtype, tuple(shape), nbytes))
+        out.append(_Spec(name, np_dtype, tuple(shape), enc, payload_nbytes))
     return out
 
 
@@ -290,27 +314,41 @@ def decode_model(
         raise WireError("malformed", "request_id must be a string")
     if codec not in CODECS:
         raise WireError("bad_codec", f"codec {codec[:40]!r} not supported")
+    block: int | None = None
+    if codec == "int8":
+        block = _field(header, "block", int)
+        if not 0 < block <= MAX_BLOCK:
+            raise WireError("bad_codec", f"int8 block {block} not in 1..{MAX_BLOCK}")
+    elif "block" in header:
+        raise WireError("malformed", f"block given for codec {codec}")
     if epoch < 0 or samples < 0:
         raise WireError("malformed", "epoch and samples must be >= 0")
-    specs = _check_specs(header.get("arrays"), limits)
+    specs = _check_specs(header.get("arrays"), codec, block or BLOCK, limits)
     if len(payloads) != len(specs):
         raise WireError("truncated", f"{len(payloads)} payload frames for {len(specs)} arrays")
-    for (name, _, _, nbytes), payload in zip(specs, payloads, strict=True):
-        if len(payload) != nbytes:
-            raise WireError("bad_size", f"{name}: {len(payload)} bytes, shape says {nbytes}")
+    for spec, payload in zip(specs, payloads, strict=True):
+        if len(payload) != spec.payload_nbytes:
+            raise WireError(
+                "bad_size", f"{spec.name}: {len(payload)} bytes, spec says {spec.payload_nbytes}"
+            )
+    for spec, payload in zip(specs, payloads, strict=True):
+        ENCODINGS[spec.enc].check(spec.name, payload, math.prod(spec.shape), block or BLOCK)
     public_key = public_key_of(sender)
     if public_key is None:
         raise WireError("unknown_sender", f"{sender[:64]!r} is not a member of this job")
     meta = _canonical_meta(
-        job, sender, epoch, samples, codec, [[n, d.name, list(s)] for n, d, s, _ in specs]
+        job, sender, epoch, samples, codec, block, [spec.as_list() for spec in specs]
     )
     if _digest(meta, payloads) != digest:
         raise WireError("bad_digest", "payload does not match its digest")
     if not verify_signature(public_key, signature, DOMAIN_MODEL + digest):
         raise WireError("bad_signature", f"signature does not verify for {sender}")
     arrays = [
-        NamedArray(name, np.frombuffer(payload, dtype=dtype.newbyteorder("<")).reshape(shape))
-        for (name, dtype, shape, _), payload in zip(specs, payloads, strict=True)
+        NamedArray(
+            spec.name,
+            ENCODINGS[spec.enc].decode(payload, spec.dtype, spec.shape, block or BLOCK),
+        )
+        for spec, payload in zip(specs, payloads, strict=True)
     ]
     return ModelMessage(
         job=job,

@@ -38,6 +38,16 @@ def _host_port(value: str) -> str:
     return value
 
 
+def _partition(value: str) -> str:
+    from learner.partition import parse_partition
+
+    try:
+        parse_partition(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 # ---- rendezvous ------------------------------------------------------------------------------
 
 
@@ -123,7 +133,7 @@ def _add_peer(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument("--model", dest="model_spec", default=None, metavar="MODULE:FACTORY",
                    help="your own model: a function returning an nn.Module (default: the "
                    "MNIST CNN); every peer of a job must use the same architecture")
-    p.add_argument("--partition", default="iid",
+    p.add_argument("--partition", default="iid", type=_partition,
                    help="how the training set is split among peers: iid (default), "
                    "dirichlet:ALPHA (label skew), classes:K (K classes per peer)")
     p.add_argument("--epochs", type=int, default=3, help="local epochs (default 3)")
@@ -176,6 +186,7 @@ def _run_peer(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose, f"peer {args.num} ")
     from learner.data import DatasetError
     from learner.peer import PeerConfig, run_peer
+    from learner.plugins import PluginError
     from overlay.errors import OverlayError
 
     fields = {k: v for k, v in vars(args).items() if k not in ("run", "verbose", "command")}
@@ -187,7 +198,7 @@ def _run_peer(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         log.info("stopped")
         return 130
-    except (DatasetError, OverlayError, ValueError, OSError) as exc:
+    except (DatasetError, PluginError, OverlayError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return 1
     return 0
@@ -217,7 +228,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                        "loopback, show their progress, and end with a table. Ctrl+C stops all.")
     p.add_argument("--peers", type=int, default=3, help="number of peers (default 3)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per peer (default 3)")
-    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist"])
+    p.add_argument("--dataset", default="digits",
+                   choices=["digits", "mnist", "fashion-mnist", "folder"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--workdir", default=None,
                    help="keep logs, keys and event files here (default: a temporary folder)")
@@ -240,7 +252,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_data(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("data", help="fetch a data set now, for offline use later")
-    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist"])
+    p.add_argument("--dataset", default="digits",
+                   choices=["digits", "mnist", "fashion-mnist", "folder"])
     p.add_argument("--data-dir", default=None)
     p.set_defaults(run=_run_data, verbose=0)
 

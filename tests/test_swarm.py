@@ -81,3 +81,23 @@ def test_sigkilled_peer_is_dropped_within_the_ttl(swarm: LocalSwarm) -> None:
         assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]  # kept training
         survivor = ids[1 - num]
         assert epochs[-1]["merged_from"] == [survivor]
+
+
+def test_restarted_peer_resumes_from_its_checkpoint(swarm: LocalSwarm) -> None:
+    swarm.start_rendezvous(ttl=3.0, heartbeat=1.0)
+    for num in range(2):
+        swarm.start_peer(num, 2, 4)
+    assert swarm.wait_for(lambda: any(e["epoch"] >= 2 for e in swarm.events(1, "epoch")), 400)
+    swarm.kill(1)
+    swarm.start_peer(1, 2, 4)  # the same command again: same key, same checkpoint file
+    _assert_exit_ok(swarm.wait_peers(900))
+    first, second = swarm.events(1, "start")
+    assert not first["resumed"] and second["resumed"]
+    assert second["epochs_trained"] >= 2 and second["accuracy"] > 85.0  # not from scratch
+    after_restart = [e for e in swarm.events(1, "epoch") if e["t"] > second["t"]]
+    assert [e["epoch"] for e in after_restart] == list(
+        range(second["epoch"] + 1, second["epoch"] + 1 + 4 - second["epochs_trained"]))
+    assert swarm.events(1, "done")[-1]["epochs_trained"] == 4
+    # the other peer kept training and merged the restarted peer's models again
+    assert [e["epoch"] for e in swarm.events(0, "epoch")] == [1, 2, 3, 4]
+    assert swarm.events(0, "epoch")[-1]["merged_from"] == [second["peer_id"]]

@@ -26,6 +26,7 @@ from overlay.errors import WireError
 from overlay.identity import Identity
 from overlay.wire import (
     ALLOWED_DTYPES,
+    CODECS,
     WIRE_VERSION,
     Limits,
     ModelMessage,
@@ -235,7 +236,8 @@ def test_missing_or_wrong_typed_fields(field: str, value: Any) -> None:
         assert reason_of(header, payloads) == "malformed"
 
 
-@pytest.mark.parametrize("spec", [["w", "float32"], "w", ["w", "float32", [3, 4], 0]])
+@pytest.mark.parametrize("spec", [["w", "float32"], "w", ["w", "float32", [3, 4]],
+                                  ["w", "float32", [3, 4], "raw", 0]])
 def test_malformed_array_spec(spec: Any) -> None:
     header, payloads = signed_parts(message())
     header["arrays"] = [spec, header["arrays"][1]]
@@ -258,7 +260,7 @@ def test_sender_refuses_to_encode_object_arrays() -> None:
 
 def test_shape_bomb_is_too_large_before_any_allocation() -> None:
     header, _ = signed_parts(message())
-    header["arrays"] = [["w", "float32", [2**40, 2**40]]]
+    header["arrays"] = [["w", "float32", [2**40, 2**40], "raw"]]
     frame = msgpack.packb(header, use_bin_type=True)
     tracemalloc.start()
     try:
@@ -351,9 +353,9 @@ def test_tampered_header_field(field: str, value: Any) -> None:
 
 def test_tampered_array_spec_same_size() -> None:
     header, payloads = signed_parts(message())
-    header["arrays"][0] = ["w", "int32", [4, 3]]  # same 48 bytes, another meaning
+    header["arrays"][0] = ["w", "int32", [4, 3], "raw"]  # same 48 bytes, another meaning
     assert reason_of(header, payloads) == "bad_digest"
-    header["arrays"][0] = ["renamed", "float32", [3, 4]]
+    header["arrays"][0] = ["renamed", "float32", [3, 4], "raw"]
     assert reason_of(header, payloads) == "bad_digest"
 
 
@@ -374,7 +376,11 @@ def test_unknown_sender() -> None:
 
 
 def test_unknown_codec() -> None:
-    header, payloads = signed_parts(message(codec="zstd"))
+    with pytest.raises(WireError) as info:
+        encode_model(message(codec="zstd"), ALICE)
+    assert info.value.reason == "bad_codec"
+    header, payloads = signed_parts(message())
+    header["codec"] = "zstd"
     assert reason_of(header, payloads) == "bad_codec"
 
 
@@ -402,7 +408,7 @@ def test_pickles_are_never_unpickled(tmp_path: Path) -> None:
 
     # As a payload declared as an object array: refused on the dtype.
     header, payloads = signed_parts(message())
-    header["arrays"][0] = ["w", "O", [1]]
+    header["arrays"][0] = ["w", "O", [1], "raw"]
     assert reason_of(header, [bomb, payloads[1]]) == "bad_dtype"
 
     # As a properly signed uint8 payload: it arrives as plain bytes.
@@ -427,11 +433,12 @@ msgpackable = st.recursive(
 )
 dims = st.lists(st.integers(-2, 2**64 - 1) | st.sampled_from([0, 1, 3, 4]) | leaf, max_size=10)
 specs = st.lists(
-    st.lists(st.sampled_from(["w", "b", ""]) | leaf, min_size=2, max_size=4)
+    st.lists(st.sampled_from(["w", "b", ""]) | leaf, min_size=2, max_size=5)
     | st.tuples(
         st.sampled_from(["w", "b", "x" * 300]) | leaf,
         st.sampled_from([*sorted(ALLOWED_DTYPES), "O", "complex64"]) | leaf,
         dims | leaf,
+        st.sampled_from([*sorted(CODECS), "zstd"]) | leaf,
     ).map(list),
     max_size=6,
 )
@@ -442,7 +449,8 @@ model_headers = st.fixed_dictionaries(
         "sender": st.just(ALICE.peer_id) | leaf,
         "epoch": st.integers(-5, 2**64 - 1) | leaf,
         "samples": st.integers(-5, 2**64 - 1) | leaf,
-        "codec": st.just("raw") | leaf,
+        "codec": st.sampled_from(sorted(CODECS)) | leaf,
+        "block": st.sampled_from([256, 1, 0, 2**16 + 1]) | leaf,
         "arrays": specs | msgpackable,
         "digest": st.binary(min_size=32, max_size=32) | leaf,
         "signature": st.binary(min_size=64, max_size=64) | leaf,
