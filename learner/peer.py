@@ -130,6 +130,10 @@ class PeerConfig:
     """Part of the local training data held out for the gate (only when the gate is on)."""
     codec: str = "raw"
     """How our model travels: raw, fp16, int8 (blockwise)."""
+    min_peers: int = 1
+    """Wait until this many peers (ourselves included) are in the job before training."""
+    min_peers_timeout: float = 600.0
+    """How long to wait for ``min_peers``; then train with whoever is there."""
     bootstrap_peers: int = 3
     """A newcomer averages the current models of up to this many members."""
     bootstrap_timeout: float = 20.0
@@ -252,6 +256,7 @@ class Peer:
         self.epochs_trained = 0  # epochs this peer trained itself
         self.samples = 0
         self.pending: dict[str, ModelMessage] = {}  # newest unmerged model per sender
+        self.merged_epoch: dict[str, int] = {}  # epoch of the last model merged, per sender
         self.bytes_sent = 0
         self.models_received = 0
         self.host: Host | None = None
@@ -347,6 +352,7 @@ class Peer:
         log.info("peer %d is %s; %d training samples (%s); %d members in job %r", cfg.num,
                  identity.peer_id, self.samples, how, len(host.members), cfg.job)
         try:
+            await self._wait_for_peers()
             resumed = await asyncio.to_thread(self._resume)
             if not resumed:
                 await self._bootstrap()
@@ -361,6 +367,24 @@ class Peer:
             self.events.close()
         return {"peer_id": identity.peer_id, "epochs": history, "bytes_sent": self.bytes_sent,
                 "models_received": self.models_received}
+
+    async def _wait_for_peers(self) -> None:
+        assert self.host is not None
+        deadline = time.monotonic() + self.config.min_peers_timeout
+        while len(self._partners()) + 1 < self.config.min_peers:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("only %d of %d peers after %.0f s; training anyway",
+                            len(self._partners()) + 1, self.config.min_peers,
+                            self.config.min_peers_timeout)
+                return
+            log.info("waiting for peers: %d of %d here", len(self._partners()) + 1,
+                     self.config.min_peers)
+            self.host.changed.clear()
+            try:
+                await asyncio.wait_for(self.host.changed.wait(), remaining)
+            except TimeoutError:
+                pass
 
     def _resume(self) -> bool:
         if not self.config.resume:
@@ -462,6 +486,7 @@ class Peer:
 
         received = await self._collect(epoch, expect_from)
         plan, merged = await asyncio.to_thread(self._merge, received)
+        self.merged_epoch.update({pid: received[pid].epoch for pid in merged})
         after = await asyncio.to_thread(evaluate, self.model, test_loader, self.device)
         log.info("epoch %d: merged %s; test after averaging: %.2f%%", epoch,
                  plan.describe(self.host.peer_id), after["accuracy"])
@@ -546,8 +571,11 @@ class Peer:
             host.changed.clear()
             self._drain()
             members = set(host.members)
+            # a neighbour is done for this epoch once we hold (or already merged) a model of
+            # it that is at least this fresh; a fast one's newer model may have come early
             waiting = [pid for pid in expect_from if pid in members
-                       and (pid not in self.pending or self.pending[pid].epoch < epoch)]
+                       and max(self.pending[pid].epoch if pid in self.pending else -1,
+                               self.merged_epoch.get(pid, -1)) < epoch]
             remaining = deadline - time.monotonic()
             if not waiting or remaining <= 0:
                 break

@@ -163,6 +163,9 @@ def _add_peer(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                    help="accuracy points below ours that the gate tolerates (default 5)")
     p.add_argument("--codec", default="raw", choices=["raw", "fp16", "int8"],
                    help="how our model travels: raw (default), fp16, int8 (blockwise)")
+    p.add_argument("--min-peers", type=int, default=1,
+                   help="wait until this many peers (this one included) are in the job "
+                   "before training (default 1: start at once)")
     p.add_argument("--bootstrap-peers", type=int, default=3,
                    help="a newcomer starts from the average of up to this many peers")
     p.add_argument("--bootstrap-timeout", type=float, default=20.0,
