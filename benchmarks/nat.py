@@ -161,12 +161,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="natbench-") as tmp, NatLab() as lab, \
             LocalSwarm(Path(tmp) / "swarm") as swarm:
         logdir = Path(tmp)
-        rdv = lab.add_server("rdv")
-        turn = lab.add_server("turn")
-        lab.start_coturn(turn, TURN_SECRET)
-        swarm.start_rendezvous(host=rdv, ttl=10, heartbeat=2, extra=(
-            "--stun-port", "3478", "--turn-url", f"turn:{turn.ip}:3478",
-            "--turn-secret", TURN_SECRET))
+        rdv, turn = swarm.start_lab_services(lab, TURN_SECRET)
         rendezvous = f"{rdv.ip}:{swarm.rendezvous_port}"
         print(f"lab {lab.name}: rendezvous {rendezvous}, coturn {turn.ip}:3478", file=sys.stderr)
 

@@ -91,6 +91,17 @@ class LocalSwarm:
                 time.sleep(0.1)
         raise TimeoutError("the rendezvous did not start serving")
 
+    def start_lab_services(self, lab: Any, turn_secret: str) -> tuple[Any, Any]:
+        """In a :class:`peerlearn.natlab.NatLab`: coturn and the rendezvous (STUN on 3478,
+        handing out TURN credentials) on two hosts of the lab's internet; returns them."""
+        rdv = lab.add_server("rdv")
+        turn = lab.add_server("turn")
+        lab.start_coturn(turn, turn_secret)
+        self.start_rendezvous(host=rdv, ttl=10, heartbeat=2, extra=(
+            "--stun-port", "3478", "--turn-url", f"turn:{turn.ip}:3478",
+            "--turn-secret", turn_secret))
+        return rdv, turn
+
     def http_json(self, path: str) -> Any:
         url = f"http://127.0.0.1:{self.rendezvous_port}{path}"
         with urllib.request.urlopen(url, timeout=5) as response:

@@ -27,15 +27,6 @@ def lab() -> Iterator[NatLab]:
         yield lab
 
 
-def _start_services(lab: NatLab, swarm: LocalSwarm) -> None:
-    rdv = lab.add_server("rdv")
-    turn = lab.add_server("turn")
-    lab.start_coturn(turn, TURN_SECRET)
-    swarm.start_rendezvous(host=rdv, ttl=10, heartbeat=2, extra=(
-        "--stun-port", "3478", "--turn-url", f"turn:{turn.ip}:3478",
-        "--turn-secret", TURN_SECRET))
-
-
 def _run(swarm: LocalSwarm, peers: list[tuple[object, str | None]]) -> dict[int, str]:
     """Start peers (host, listen address) with a shard each; wait; their peer ids."""
     for num, (host, listen) in enumerate(peers):
@@ -61,7 +52,7 @@ def _assert_everyone_merged_everyone(swarm: LocalSwarm, ids: dict[int, str]) -> 
 
 def test_two_port_restricted_nats_connect_directly(lab: NatLab, tmp_path: Path) -> None:
     with LocalSwarm(tmp_path) as swarm:
-        _start_services(lab, swarm)
+        swarm.start_lab_services(lab, TURN_SECRET)
         homes = [lab.add_home(f"h{i}", NatType.PORT_RESTRICTED) for i in range(2)]
         ids = _run(swarm, [(home.host, None) for home in homes])
         for num in range(2):
@@ -71,7 +62,7 @@ def test_two_port_restricted_nats_connect_directly(lab: NatLab, tmp_path: Path) 
 
 def test_two_symmetric_nats_connect_through_turn(lab: NatLab, tmp_path: Path) -> None:
     with LocalSwarm(tmp_path) as swarm:
-        _start_services(lab, swarm)
+        swarm.start_lab_services(lab, TURN_SECRET)
         homes = [lab.add_home(f"s{i}", NatType.SYMMETRIC) for i in range(2)]
         ids = _run(swarm, [(home.host, None) for home in homes])
         for num in range(2):
@@ -81,7 +72,7 @@ def test_two_symmetric_nats_connect_through_turn(lab: NatLab, tmp_path: Path) ->
 
 def test_mixed_swarm_public_zmq_peer_and_two_natted_peers(lab: NatLab, tmp_path: Path) -> None:
     with LocalSwarm(tmp_path) as swarm:
-        _start_services(lab, swarm)
+        swarm.start_lab_services(lab, TURN_SECRET)
         public = lab.add_public_host("pub")
         cone = lab.add_home("pr", NatType.PORT_RESTRICTED)
         sym = lab.add_home("sy", NatType.SYMMETRIC)
