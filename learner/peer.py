@@ -261,6 +261,7 @@ class Peer:
         self.models_received = 0
         self.host: Host | None = None
         self.val_loader: DataLoader[Any] | None = None
+        self.bootstrapped_from: list[str] = []
         self._sends: set[asyncio.Task[None]] = set()
         self._mismatched: set[str] = set()
         self.checkpoint_file = config.checkpoint_file or os.path.join(
@@ -414,7 +415,6 @@ class Peer:
         """Start from the weighted average of up to k members' current models."""
         assert self.host is not None
         donors = self._partners()[: self.config.bootstrap_peers]
-        self.bootstrapped_from: list[str] = []
         if not donors:
             return
         tasks = {asyncio.create_task(self.host.fetch_model(p)): p for p in donors}
@@ -440,7 +440,7 @@ class Peer:
     async def _start_event(self, test_loader: DataLoader[Any], resumed: bool) -> None:
         assert self.host is not None
         initial = await asyncio.to_thread(evaluate, self.model, test_loader, self.device)
-        used = getattr(self, "bootstrapped_from", [])
+        used = self.bootstrapped_from
         origin = ("checkpoint" if resumed else
                   f"average of {len(used)} peers" if used else "fresh model")
         log.info("start: accuracy %.2f%% (%s)", initial["accuracy"], origin)
