@@ -48,12 +48,15 @@ def test_a_peer_with_another_architecture_is_never_averaged(swarm: LocalSwarm) -
     swarm.start_rendezvous()
     swarm.start_peer(0, 2, 1, "--job", "mixed", "--merge-wait", "5")
     # the small model trains in a blink: it stays around until the CNN peer has looked
-    swarm.start_peer(1, 2, 1, *OWN, "--job", "mixed", "--merge-wait", "5", "--linger", "60")
+    swarm.start_peer(1, 2, 1, *OWN, "--job", "mixed", "--merge-wait", "5", "--linger", "45")
     codes = swarm.wait_peers(600)
     assert all(code == 0 for code in codes.values()), codes
     for num in range(2):
         assert swarm.events(num, "epoch")[0]["merged_from"] == []
-        assert "different model architecture" in swarm.log(f"peer-{num}")
+    # the CNN peer trains for seconds while the small one is still around: it must have looked
+    # at it and said why it leaves it out (the small one may have finished before the other
+    # joined, so it need not have seen it)
+    assert "different model architecture" in swarm.log("peer-0")
 
 
 def test_python_api_example_script(tmp_path: Path, swarm: LocalSwarm) -> None:
