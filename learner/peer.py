@@ -470,12 +470,7 @@ class Peer:
         snapshot = state_to_arrays(self.model.state_dict(), copy=True)
         msg = ModelMessage(job=cfg.job, sender=self.host.peer_id, epoch=epoch,
                            samples=self.samples, arrays=snapshot, codec=cfg.codec)
-        try:
-            frames, request_id = await asyncio.to_thread(self.host.encode, msg)
-        except WireError as exc:  # e.g. a value beyond fp16's range: send this one raw
-            log.warning("epoch %d: cannot send as %s (%s); sending raw", epoch, cfg.codec, exc)
-            msg.codec = "raw"
-            frames, request_id = await asyncio.to_thread(self.host.encode, msg)
+        frames, request_id = await asyncio.to_thread(self.host.encode, msg)
         size = sum(len(f) for f in frames)
         for pid in send_to:
             task = asyncio.create_task(self._send(pid, frames, request_id, size))
@@ -493,11 +488,7 @@ class Peer:
         current = ModelMessage(job=cfg.job, sender=self.host.peer_id, epoch=epoch,
                                samples=self.samples, codec=cfg.codec,
                                arrays=state_to_arrays(self.model.state_dict(), copy=True))
-        try:
-            self.host.publish(current)
-        except WireError:  # not representable in the codec: newcomers get it raw
-            current.codec = "raw"
-            self.host.publish(current)
+        self.host.publish(current)
         await asyncio.to_thread(self._save)
         record = {"epoch": epoch, "train_loss": stats["loss"], "train_s": round(train_s, 3),
                   "acc_before": before["accuracy"], "acc_after": after["accuracy"],

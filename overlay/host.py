@@ -34,7 +34,6 @@ from overlay.wire import (
     ModelMessage,
     decode_model,
     encode_control,
-    encode_model,
     model_parts,
     pack_header,
 )
@@ -282,9 +281,22 @@ class Host:
 
     # ---- our model, as served to get_model requests ----------------------------------------
 
+    def _parts(self, msg: ModelMessage) -> tuple[dict[str, Any], list[memoryview]]:
+        """Encode in the message's codec; a model the codec cannot carry (say a value beyond
+        fp16's range) goes raw instead."""
+        try:
+            return model_parts(msg, self.identity)
+        except WireError as exc:
+            if msg.codec == "raw":
+                raise
+            log.warning("epoch %d cannot travel as %s (%s): sending it raw", msg.epoch,
+                        msg.codec, exc)
+            msg.codec = "raw"
+            return model_parts(msg, self.identity)
+
     def publish(self, msg: ModelMessage) -> None:
         """Make ``msg`` the model we hand to peers that ask (newcomers). Encoded once here."""
-        header, payloads = model_parts(msg, self.identity)
+        header, payloads = self._parts(msg)
         self._current = (header, payloads, msg)
 
     def _current_frames(self, request_id: str) -> Frames | None:
@@ -332,7 +344,8 @@ class Host:
     def encode(self, msg: ModelMessage) -> tuple[Frames, str]:
         """Encode ``msg`` once for sending to many peers; returns (frames, request_id)."""
         msg.request_id = secrets.token_hex(8)
-        return encode_model(msg, self.identity), msg.request_id
+        header, payloads = self._parts(msg)
+        return [pack_header(header), *payloads], msg.request_id
 
     async def send_model(self, peer_id: str, frames: Frames, request_id: str) -> None:
         """Deliver encoded model ``frames`` to ``peer_id``; returns once it acknowledged."""

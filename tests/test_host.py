@@ -16,7 +16,7 @@ import pytest
 from overlay.errors import TransportError
 from overlay.host import Host, HostConfig
 from overlay.identity import Identity
-from overlay.wire import ModelMessage, NamedArray
+from overlay.wire import ModelMessage, NamedArray, decode_header
 from rendezvous.server import RendezvousServer, run_rendezvous
 
 JOB = "hosttest"
@@ -112,3 +112,16 @@ async def test_failed_link_backs_off() -> None:
                 await alone.send_model(gone.peer_id, frames, rid)
             assert asyncio.get_running_loop().time() - started < 0.5  # refused at once
             assert gone.peer_id not in alone.links
+
+
+def test_a_model_the_codec_cannot_carry_travels_raw() -> None:
+    host = Host(Identity.generate(), HostConfig(rendezvous="127.0.0.1:1", job=JOB))
+    msg = ModelMessage(job=JOB, sender=host.peer_id, epoch=1, samples=1, codec="fp16",
+                       arrays=[NamedArray("w", np.array([1.0, 1e6], dtype=np.float32))])
+    frames, _ = host.encode(msg)
+    assert msg.codec == "raw"
+    assert decode_header(frames[0])["codec"] == "raw"
+    ok = ModelMessage(job=JOB, sender=host.peer_id, epoch=1, samples=1, codec="fp16",
+                      arrays=[NamedArray("w", np.array([1.0, 2.0], dtype=np.float32))])
+    frames, _ = host.encode(ok)
+    assert decode_header(frames[0])["codec"] == "fp16"
