@@ -26,8 +26,9 @@ from typing import Any
 from overlay.errors import TransportError, WireError
 from overlay.identity import Identity
 from overlay.rendezvous_client import RendezvousClient
+from overlay.transport.base import Frames
 from overlay.transport.webrtc import WebRtcTransport
-from overlay.transport.zeromq import Frames, ZmqTransport
+from overlay.transport.zeromq import ZmqTransport
 from overlay.wire import (
     FrameType,
     Limits,

@@ -17,6 +17,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from overlay.errors import TransportError
 from overlay.identity import Identity
+from overlay.transport.base import Frames, Handler
 from overlay.transport.webrtc import (
     CHUNK_HEADER,
     CHUNK_SIZE,
@@ -27,7 +28,6 @@ from overlay.transport.webrtc import (
     WebRtcTransport,
     iter_chunks,
 )
-from overlay.transport.zeromq import Frames, Handler
 from overlay.wire import (
     FrameType,
     Limits,

@@ -19,7 +19,8 @@ from zmq.utils.monitor import parse_monitor_message
 from overlay.dialback import dial_back
 from overlay.errors import TransportError
 from overlay.identity import Identity
-from overlay.transport.zeromq import Frames, Handler, ZmqTransport
+from overlay.transport.base import Frames, Handler
+from overlay.transport.zeromq import ZmqTransport
 from overlay.wire import (
     FrameType,
     Limits,

@@ -70,7 +70,7 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 from overlay.errors import TransportError, WireError
 from overlay.identity import Identity
-from overlay.transport.zeromq import Frames, Handler, TransportStats
+from overlay.transport.base import Frames, Handler, TransportStats
 from overlay.wire import FrameType, Limits, decode_header, encode_control
 
 log = logging.getLogger(__name__)

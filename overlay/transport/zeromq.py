@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,32 +22,16 @@ import zmq.asyncio
 from overlay.dialback import answer_probe
 from overlay.errors import TransportError, WireError
 from overlay.identity import Identity
+from overlay.transport.base import Frames, Handler, TransportStats
 from overlay.wire import FrameType, Limits, decode_header, encode_control
 
 log = logging.getLogger(__name__)
-
-Frames = Sequence[bytes | memoryview]
-# handler(header, payloads) -> reply frames (or None: no reply)
-Handler = Callable[[dict[str, Any], list[memoryview]], Awaitable[Frames | None]]
-
 
 @dataclass
 class _Link:
     address: str
     socket: zmq.asyncio.Socket
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-@dataclass
-class TransportStats:
-    messages_in: int = 0
-    bytes_in: int = 0
-    messages_out: int = 0
-    bytes_out: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 class ZmqTransport:

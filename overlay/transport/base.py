@@ -1,0 +1,25 @@
+"""What every transport shares: the frame and handler types and the counters."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Frames = Sequence[bytes | memoryview]
+"""One message: the wire format's header frame, then its payload frames."""
+Handler = Callable[[dict[str, Any], list[memoryview]], Awaitable[Frames | None]]
+"""handler(header, payloads) -> reply frames, or None for no reply."""
+
+
+@dataclass
+class TransportStats:
+    messages_in: int = 0
+    bytes_in: int = 0
+    messages_out: int = 0
+    bytes_out: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Refused incoming messages, by reason code."""
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
