@@ -6,12 +6,16 @@ hyper-parameters, in the same run.
     python benchmarks/learning.py --scenario partitions # IID and Dirichlet(0.5), 4 and 8 peers
     python benchmarks/learning.py --scenario newcomer   # a newcomer joins at epoch 3 of 5
     python benchmarks/learning.py --scenario codecs     # raw vs fp16 vs int8 on the wire
+    python benchmarks/learning.py --scenario poisoning  # a poisoning peer vs --robust rules
     python benchmarks/learning.py --scenario all
 
 Each scenario prints a table; the run ends with one JSON line of all figures. Targets: IID
 within 0.5 points of centralized, Dirichlet(0.5) within 2; a newcomer lowers the incumbents'
 after-averaging accuracy at its epoch by at most 0.3 points and starts within 2 points of
-them; fp16 and int8 end within 0.3 points of raw. For reference, the original prototype
+them; fp16 and int8 end within 0.3 points of raw; with one peer poisoning (``--attack``,
+default random weights) and a robust merge rule, the honest peers end within 1 point of a
+run without the attacker. Run from the repository root (the attacker is
+``python -m benchmarks._attacker``). For reference, the original prototype
 (8,000 training / 2,000 test digits, 3 peers, 3 epochs) ended 1.4 points behind centralized.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -37,13 +42,15 @@ from learner.train import evaluate, make_optimizer, make_scheduler, train_epoch
 from peerlearn.swarm import LocalSwarm
 
 DATASET = "digits"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_swarm(job: str, peers: int, epochs: int, *extra: str,
-              late: tuple[int, int] | None = None, total: int | None = None
-              ) -> dict[int, list[dict[str, Any]]]:
+              late: tuple[int, int] | None = None, total: int | None = None,
+              attack: str | None = None) -> dict[int, list[dict[str, Any]]]:
     """Peers 0..peers-1 train ``epochs``; ``late = (after_epoch, epochs)`` adds peer ``peers``
-    once the others finished ``after_epoch``. Returns every peer's events."""
+    once the others finished ``after_epoch``; ``attack`` adds peer ``peers`` at once as a
+    poisoning peer (benchmarks/_attacker.py). Returns every peer's events."""
     total = total or peers
     threads = 1
     with tempfile.TemporaryDirectory(prefix="peerlearn-bench-") as tmp, \
@@ -52,6 +59,9 @@ def run_swarm(job: str, peers: int, epochs: int, *extra: str,
         args = ("--dataset", DATASET, "--job", job, "--merge-wait", "300", *extra)
         for num in range(peers):
             swarm.start_peer(num, total, epochs, *args, threads=threads)
+        if attack is not None:
+            swarm.start_peer(peers, total, epochs, *args, "--attack", attack, threads=threads,
+                             module="benchmarks._attacker")
         if late is not None:
             after, late_epochs = late
             if not swarm.wait_for(lambda: all(
@@ -186,12 +196,44 @@ def scenario_codecs(epochs: int, repeats: int = 1) -> dict[str, Any]:
     return out
 
 
-# name -> run(epochs, repeats); only the codecs scenario repeats (the others are long already)
+def scenario_poisoning(epochs: int, attack: str = "random",
+                       rules: tuple[str, ...] = ("median", "trimmed:0.25", "clip:2")
+                       ) -> dict[str, Any]:
+    """3 honest peers (shards 0-2 of 4) without an attacker (A), with peer 3 poisoning and
+    each robust rule (B), and with it and no defence (C); all runs share the job name, hence
+    the initial weights, shards and shuffles."""
+    peers, total, honest = 3, 4, [0, 1, 2]
+    job = "bench-poisoning"
+    runs: dict[str, float] = {}
+    base = run_swarm(job, peers, epochs, "--min-peers", str(peers), total=total)
+    runs["A: no attacker"] = final_mean(base, honest)
+    for rule in ("none", *rules):
+        events = run_swarm(job, peers, epochs, "--min-peers", str(peers + 1), "--robust", rule,
+                           total=total, attack=attack)
+        show(events)
+        runs[f"{'C' if rule == 'none' else 'B'}: {attack}, {rule}"] = final_mean(events, honest)
+    a = runs["A: no attacker"]
+    print(f"  honest peers' final accuracy (3 honest + 1 attacker sending {attack}, "
+          f"{epochs} epochs):", flush=True)
+    out: dict[str, Any] = {"attack": attack, "no_attacker": round(a, 3)}
+    for name, acc in runs.items():
+        print(f"    {name:<28} {acc:6.2f} %  gap vs A {a - acc:+6.2f} points"
+              f"{'' if not name.startswith('B') else ' (target <= 1)'}", flush=True)
+        if name.startswith(("B", "C")):
+            rule = name.split(", ", 1)[1]
+            out[rule] = {"accuracy": round(acc, 3), "gap_points": round(a - acc, 3)}
+    out["meets_target"] = all(out[r]["gap_points"] <= 1.0 for r in rules)
+    return out
+
+
+# name -> run(command-line arguments); only the codecs scenario repeats (the others are long
+# already), only the poisoning scenario has an attacker
 SCENARIOS = {
-    "iid3": lambda epochs, _repeats: scenario_iid3(epochs),
-    "partitions": lambda epochs, _repeats: scenario_partitions(epochs),
-    "newcomer": lambda _epochs, _repeats: scenario_newcomer(),
-    "codecs": scenario_codecs,
+    "iid3": lambda args: scenario_iid3(args.epochs),
+    "partitions": lambda args: scenario_partitions(args.epochs),
+    "newcomer": lambda _args: scenario_newcomer(),
+    "codecs": lambda args: scenario_codecs(args.epochs, args.repeats),
+    "poisoning": lambda args: scenario_poisoning(args.epochs, args.attack),
 }
 
 
@@ -201,7 +243,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per setting for the codecs scenario (means)")
+    parser.add_argument("--attack", default="random",
+                        help="the poisoning scenario's attacker: random or scale:S")
     args = parser.parse_args()
+    # the attacker runs as `python -m benchmarks._attacker`: wherever this was started from
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     torch.set_num_threads(2)
     load_dataset(DATASET)  # fetch once, before the peers start
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
@@ -209,7 +256,7 @@ def main() -> None:
     started = time.monotonic()
     for name in names:
         print(f"scenario {name}:", flush=True)
-        figures[name] = SCENARIOS[name](args.epochs, args.repeats)
+        figures[name] = SCENARIOS[name](args)
     figures["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(figures))
 

@@ -4,7 +4,9 @@ A received model's weight is its training-sample count times a staleness factor:
 ``s`` epochs behind ours counts ``(s + 1) ** -a`` as much (FedAsync's polynomial staleness
 function, Xie et al. 2019; ``a = 0`` ignores staleness). Our own model has staleness 0.
 An optional gate refuses a model that scores clearly worse than ours on a small local
-validation split (a cheap guard against broken or hostile peers).
+validation split (a cheap guard against broken or hostile peers). An optional robust rule
+(:mod:`learner.robust`: coordinate-wise median, trimmed mean, or norm clipping against our
+model) then combines what the plan admitted, so that one poisoned model cannot drag the merge.
 
 Fan-out: with ``fanout = k`` every peer sends each epoch's model to ``k`` neighbours instead of
 to everybody. The neighbours are a ring over a permutation of the members that every peer
@@ -17,6 +19,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from learner.robust import Robust, RobustReport
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class MergePolicy:
     """Refuse models that score clearly worse than ours on the local validation split."""
     gate_margin: float = 5.0
     """How many accuracy points worse than ours a model may be before the gate refuses it."""
+    robust: Robust = Robust()
+    """How the admitted models are combined: the weighted average (none), or a robust rule."""
 
     def staleness_factor(self, staleness: int) -> float:
         return float((max(0, staleness) + 1) ** -self.staleness_exponent)
@@ -52,12 +58,16 @@ class MergePlan:
 
     weights: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    robust: RobustReport | None = None
+    """What the merge rule did; None until the models were merged."""
 
     def describe(self, self_key: str = "self") -> str:
         parts = [f"{'ours' if k == self_key else k[:8]} {w:.3f}" for k, w in self.weights.items()]
         text = "weights " + ", ".join(parts)
         if self.refused:
             text += "; refused " + ", ".join(f"{k[:8]} ({r})" for k, r in self.refused.items())
+        if self.robust is not None and self.robust.rule != "none":
+            text += "; " + self.robust.describe()
         return text
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import torch
@@ -43,6 +44,7 @@ from learner.plugins import (
     load_data_hook,
     load_model_factory,
 )
+from learner.robust import Robust, RobustRule, aggregate, coordinate_median
 from learner.train import (
     evaluate,
     make_optimizer,
@@ -53,6 +55,7 @@ from learner.train import (
 from overlay.errors import TransportError, WireError
 from overlay.host import Host, HostConfig
 from overlay.identity import Identity
+from overlay.membership import JobPolicy, policy_from_files
 from overlay.wire import CODECS, Limits, ModelMessage
 
 log = logging.getLogger(__name__)
@@ -128,6 +131,9 @@ class PeerConfig:
     """Accuracy points a received model may be below ours before the gate refuses it."""
     val_fraction: float = 0.1
     """Part of the local training data held out for the gate (only when the gate is on)."""
+    robust: Robust = Robust()
+    """How admitted models are combined: weighted average (none), coordinate-wise median,
+    trimmed mean or norm clipping against ours (``Robust.parse("trimmed:0.25")``)."""
     codec: str = "raw"
     """How our model travels: raw, fp16, int8 (blockwise)."""
     min_peers: int = 1
@@ -144,7 +150,22 @@ class PeerConfig:
     """Append one JSON object per event (start, epoch, done, ...) to this file."""
     progress: bool = True
     """Show a progress bar while training."""
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits | None = None
+    """What we accept from other peers; None: sized to our own model (:func:`model_limits`)."""
+    job_secret_file: str | None = None
+    """Closed job: a file holding the job's join secret (not the secret itself: command lines
+    show in ``ps``). We prove membership with it and ignore members without a valid proof."""
+    job_secret_env: str | None = None
+    """Closed job: the name of an environment variable holding the join secret instead."""
+    allow_peers_file: str | None = None
+    """Closed job: a file of allowed peer ids, one per line (``#`` comments); members not on
+    it are ignored even if the rendezvous admits them."""
+
+    def membership(self) -> JobPolicy | None:
+        """The job's policy from ``job_secret_*`` and ``allow_peers_file`` (ValueError if a
+        file cannot be read or holds no valid entry); None for an open job."""
+        return policy_from_files(self.job_secret_file, self.job_secret_env,
+                                 self.allow_peers_file)
 
     def __post_init__(self) -> None:
         if not 0 <= self.num < self.total:
@@ -175,6 +196,23 @@ class EventLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def model_limits(reference: dict[str, torch.Tensor], base: Limits = Limits()) -> Limits:
+    """Receive limits for a peer whose model is ``reference``.
+
+    Peers of a job exchange only models of the job's architecture (:meth:`Peer.validate`
+    refuses any other, same names, shapes and dtypes), so nothing larger than our own model
+    needs to get in: a hostile sender's transfer is refused on its first chunk (WebRTC) or
+    its header (ZeroMQ) instead of being buffered up to the generic 512 MB per transfer.
+    """
+    nbytes = sum(t.numel() * t.element_size() for t in reference.values())
+    return dataclasses.replace(
+        base,
+        max_total_bytes=min(base.max_total_bytes, nbytes),
+        max_arrays=min(base.max_arrays, len(reference)),
+        max_ndim=min(base.max_ndim, max((t.dim() for t in reference.values()), default=0)),
+    )
 
 
 def job_seed(job: str) -> int:
@@ -248,10 +286,11 @@ class Peer:
         self.model = _make_model(config).to(self.device)
         self.reference = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         self.fingerprint = fingerprint(self.reference)
+        self.limits = config.limits or model_limits(self.reference)
         self.optimizer = make_optimizer(self.model, config.lr)
         self.scheduler = make_scheduler(self.optimizer, config.gamma)
         self.policy = MergePolicy(config.staleness_exponent, config.max_staleness, config.gate,
-                                  config.gate_margin)
+                                  config.gate_margin, config.robust)
         self.epoch = 0  # the swarm's epoch numbering (a newcomer continues its donors')
         self.epochs_trained = 0  # epochs this peer trained itself
         self.samples = 0
@@ -344,7 +383,8 @@ class Peer:
         host = self.host = Host(
             identity,
             HostConfig(rendezvous=cfg.rendezvous, job=cfg.job, listen=_tcp(cfg.listen),
-                       advertise=_tcp(cfg.advertise), limits=cfg.limits),
+                       advertise=_tcp(cfg.advertise), limits=self.limits,
+                       membership=cfg.membership()),
             meta,
             validator=self.validate,
             on_member_event=self._member_event,
@@ -431,8 +471,12 @@ class Peer:
             got.append(task.result())
             self.bootstrapped_from.append(tasks[task])
         if got:
-            state = await asyncio.to_thread(
-                weighted_average, [(m.extra["state"], m.samples) for m in got])
+            if self.policy.robust.rule is RobustRule.NONE:
+                state = await asyncio.to_thread(
+                    weighted_average, [(m.extra["state"], m.samples) for m in got])
+            else:  # no model of our own to judge the donors by yet: their median
+                state = await asyncio.to_thread(
+                    coordinate_median, [m.extra["state"] for m in got])
             self.model.load_state_dict(state)
             self.epoch = max(m.epoch for m in got)
             log.info("bootstrapped from %d peers at epoch %d", len(got), self.epoch)
@@ -467,9 +511,7 @@ class Peer:
 
         await self._cancel_sends()  # the previous round had its chance
         send_to, expect_from = self._neighbours(epoch)
-        snapshot = state_to_arrays(self.model.state_dict(), copy=True)
-        msg = ModelMessage(job=cfg.job, sender=self.host.peer_id, epoch=epoch,
-                           samples=self.samples, arrays=snapshot, codec=cfg.codec)
+        msg = self._outgoing(epoch)
         frames, request_id = await asyncio.to_thread(self.host.encode, msg)
         size = sum(len(f) for f in frames)
         for pid in send_to:
@@ -478,6 +520,9 @@ class Peer:
             task.add_done_callback(self._sends.discard)
         log.info("epoch %d: sending to %d peers (%.2f MB each, %s)", epoch, len(send_to),
                  size / 1e6, cfg.codec)
+        # before any byte leaves: what a receiver merges can be traced to this digest
+        self.events.emit("sending", epoch=epoch, digest=msg.digest.hex(), sent_to=send_to,
+                         bytes=size)
 
         received = await self._collect(epoch, expect_from)
         plan, merged = await asyncio.to_thread(self._merge, received)
@@ -485,10 +530,7 @@ class Peer:
         after = await asyncio.to_thread(evaluate, self.model, test_loader, self.device)
         log.info("epoch %d: merged %s; test after averaging: %.2f%%", epoch,
                  plan.describe(self.host.peer_id), after["accuracy"])
-        current = ModelMessage(job=cfg.job, sender=self.host.peer_id, epoch=epoch,
-                               samples=self.samples, codec=cfg.codec,
-                               arrays=state_to_arrays(self.model.state_dict(), copy=True))
-        self.host.publish(current)
+        self.host.publish(self._outgoing(epoch))
         await asyncio.to_thread(self._save)
         record = {"epoch": epoch, "train_loss": stats["loss"], "train_s": round(train_s, 3),
                   "acc_before": before["accuracy"], "acc_after": after["accuracy"],
@@ -497,7 +539,11 @@ class Peer:
                   "weights": {("self" if k == self.host.peer_id else k): round(w, 5)
                               for k, w in plan.weights.items()},
                   "refused": plan.refused, "sent_to": send_to,
+                  "robust": (plan.robust.as_record() if plan.robust else  # nothing merged
+                             {"rule": str(self.policy.robust), "models": 1}),
                   "bytes_sent": self.bytes_sent, "models_received": self.models_received}
+        record["merged_digests"] = {pid: received[pid].digest.hex() for pid in merged}
+        record["rejected"] = self.rejected()
         self.events.emit("epoch", **record)
         await self.host.report(epoch, {"acc_before": before["accuracy"],
                                        "acc_after": after["accuracy"],
@@ -524,10 +570,19 @@ class Peer:
             own_accuracy=own_accuracy, score=score, self_key=own_key)
         merged = [pid for pid in plan.weights if pid != own_key]
         if merged:
-            inputs = [(self.model.state_dict(), plan.weights[own_key])]
-            inputs += [(received[pid].extra["state"], plan.weights[pid]) for pid in merged]
-            self.model.load_state_dict(weighted_average(inputs))
+            state, plan.robust = aggregate(
+                self.policy.robust, self.model.state_dict(), plan.weights[own_key],
+                [(pid, received[pid].extra["state"], plan.weights[pid]) for pid in merged])
+            self.model.load_state_dict(state)
         return plan, merged
+
+    def _outgoing(self, epoch: int) -> ModelMessage:
+        """Our current model as a message: what we send to the neighbours after training and
+        serve (publish) after merging."""
+        assert self.host is not None
+        return ModelMessage(job=self.config.job, sender=self.host.peer_id, epoch=epoch,
+                            samples=self.samples, codec=self.config.codec,
+                            arrays=state_to_arrays(self.model.state_dict(), copy=True))
 
     async def _send(self, peer_id: str, frames: Any, request_id: str, size: int) -> None:
         assert self.host is not None
@@ -585,7 +640,19 @@ class Peer:
             await asyncio.wait(set(self._sends), timeout=max(self.config.linger, 5.0))
         await asyncio.sleep(self.config.linger)
         self.events.emit("done", epoch=self.epoch, epochs_trained=self.epochs_trained,
-                         bytes_sent=self.bytes_sent, models_received=self.models_received)
+                         bytes_sent=self.bytes_sent, models_received=self.models_received,
+                         rejected=self.rejected())
+
+    def rejected(self) -> dict[str, dict[str, int]]:
+        """Incoming messages the transports refused so far, by transport and reason code
+        (``bad_digest``, ``chunk_timeout``, ``incomplete``, ...): nothing counted here was
+        ever handed to the merge."""
+        if self.host is None:
+            return {}
+        counts = {"zmq": dict(self.host.transport.stats.rejected)}
+        if self.host.webrtc is not None:
+            counts["webrtc"] = dict(self.host.webrtc.stats.rejected)
+        return counts
 
 
 async def run_peer(config: PeerConfig) -> dict[str, Any]:

@@ -10,6 +10,11 @@ and the peer's ROUTER answers with one frame
                  signature = sign(DOMAIN_DIALBACK + nonce + addr)
 
 The address counts as reachable only if the answer is signed by the key that offered it.
+
+The probe travels over CURVE: the prover is a client with a throw-away key pair, and its
+server key is the CURVE key derived from the Ed25519 key the peer joined with (see
+overlay.identity), so a listener that is not that peer cannot even complete the handshake.
+The signed answer stays as a second, independent check.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from overlay.identity import DOMAIN_DIALBACK, Identity, verify_signature
+from overlay.identity import (
+    DOMAIN_DIALBACK,
+    Identity,
+    curve_public_key_from_ed25519,
+    verify_signature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +65,30 @@ async def dial_back(
 ) -> bool:
     """True if ``address`` answered a fresh probe with a valid signature by ``public_key``.
 
-    Never raises for network trouble or garbage: those are logged and give False. ``timeout``
-    bounds the whole probe (connect, send, answer).
+    Never raises for network trouble, garbage or an unusable key: those are logged and give
+    False. ``timeout`` bounds the whole probe (connect, CURVE handshake, send, answer).
     """
+    try:
+        server_key = curve_public_key_from_ed25519(public_key)
+    except ValueError as exc:
+        log.info("dial-back %s: %s", address, exc)
+        return False
     nonce = os.urandom(NONCE_SIZE)
+    client_public, client_secret = zmq.curve_keypair()  # ephemeral: we have no identity
     sock = (context or _shared_context()).socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, client_secret)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, client_public)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
     try:
         sock.connect(address)
         async with asyncio.timeout(timeout):
             await sock.send(msgpack.packb(_probe_message(nonce, address), use_bin_type=True))
             frames = await sock.recv_multipart()
     except TimeoutError:
-        log.info("dial-back %s: no answer within %.1fs", address, timeout)
+        log.info("dial-back %s: no answer within %.1fs (no CURVE handshake with the joining "
+                 "key, or no reply)", address, timeout)
         return False
     except zmq.ZMQError as exc:
         log.info("dial-back %s: %s", address, exc)

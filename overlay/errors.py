@@ -30,3 +30,22 @@ class TransportError(OverlayError):
 
 class RendezvousError(OverlayError):
     """The rendezvous refused us or could not be reached."""
+
+
+class RendezvousRefused(RendezvousError):
+    """The rendezvous refused us for good (``code``, e.g. ``not_invited``): no retry helps."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class SignalError(OverlayError):
+    """A relayed signaling message was refused (unsigned, forged, replayed, ...).
+
+    ``reason`` is a ``overlay.signaling.SignalReject`` code (used in logs and counters).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason

@@ -23,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlay.errors import TransportError, WireError
-from overlay.identity import Identity
+from overlay.errors import SignalError, TransportError, WireError
+from overlay.identity import Identity, ed25519_candidates_from_curve, peer_id_from_public_key
+from overlay.membership import JobPolicy
 from overlay.rendezvous_client import RendezvousClient
+from overlay.signaling import SignalGuard, seal
 from overlay.transport.base import Frames
 from overlay.transport.webrtc import WebRtcTransport
 from overlay.transport.zeromq import ZmqTransport
@@ -73,6 +75,11 @@ class HostConfig:
     backoff_max: float = 30.0
     limits: Limits = field(default_factory=Limits)
     """What we accept from others."""
+    membership: JobPolicy | None = None
+    """Closed job: the join secret / allowed peer ids (``overlay.membership``). We prove our
+    membership with it, and members that fail it are ignored whatever the rendezvous says
+    (never in ``members``: no links, their models and signals refused); counted in
+    ``rendezvous.refused_members``."""
 
 
 @dataclass
@@ -99,13 +106,16 @@ class Host:
         self._validator = validator
         self._on_member_event = on_member_event
         self._current: tuple[dict[str, Any], list[memoryview], ModelMessage] | None = None
-        self.transport = ZmqTransport(identity, config.listen, self._on_message, config.limits)
+        self.transport = ZmqTransport(identity, config.listen, self._on_message, config.limits,
+                                      peer_of=self._member_with_curve_key)
         self.webrtc: WebRtcTransport | None = None
         self.rendezvous: RendezvousClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._connecting: dict[str, asyncio.Task[None]] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._closed = False
+        self._signal_guard = SignalGuard(identity.peer_id, config.job, self._public_key_of)
+        """Opens the sealed signals addressed to us (overlay.signaling)."""
 
     @property
     def peer_id(self) -> str:
@@ -119,7 +129,8 @@ class Host:
         bound = await self.transport.start()
         addrs = [self.config.advertise or bound] if bound else []
         self.rendezvous = RendezvousClient(
-            self.config.rendezvous, self.identity, self.config.job, addrs, self.meta
+            self.config.rendezvous, self.identity, self.config.job, addrs, self.meta,
+            membership=self.config.membership,
         )
         try:
             welcome = await self.rendezvous.start()
@@ -131,7 +142,7 @@ class Host:
                         addrs[0])
         self.webrtc = WebRtcTransport(
             self.identity, self.rendezvous.ice_servers, self._on_message, self.config.limits,
-            send_signal=self.rendezvous.send_signal,
+            send_signal=self._send_signal,
             ice_transport_policy=self.config.ice_transport_policy,
             connect_timeout=self.config.connect_timeout,
         )
@@ -193,16 +204,22 @@ class Host:
         assert self.rendezvous is not None and self.webrtc is not None
         while True:
             sender, kind, data = await self.rendezvous.signals.get()
-            if sender not in self.members:
-                log.info("ignoring a %s signal from %s: not a member of our job", kind, sender)
-                continue
-            if not isinstance(data, dict):
-                log.info("ignoring a %s signal from %s: data is not a map", kind, sender)
+            try:
+                body = self._signal_guard.open(sender, kind, data)
+            except SignalError as exc:
+                self.webrtc.stats.reject(f"signal_{exc.reason}")
+                log.warning("refused a %s signal relayed as from %s: %s", kind, sender, exc)
                 continue
             try:
-                await self.webrtc.on_signal(sender, kind, data)
+                await self.webrtc.on_signal(sender, kind, body)
             except Exception:  # one bad signal must not stop the pump
                 log.exception("signal %s from %s failed", kind, sender)
+
+    async def _send_signal(self, to: str, kind: str, body: dict[str, Any]) -> None:
+        """What the WebRTC transport sends to ``to``, sealed (overlay.signaling), relayed."""
+        assert self.rendezvous is not None
+        await self.rendezvous.send_signal(to, kind, seal(self.identity, to, self.config.job,
+                                                         kind, body))
 
     def address_of(self, peer_id: str) -> str | None:
         member = self.members.get(peer_id)
@@ -212,6 +229,27 @@ class Host:
     def _public_key_of(self, peer_id: str) -> bytes | None:
         member = self.members.get(peer_id)
         return member["public_key"] if member else None
+
+    def _member_with_curve_key(self, curve_public_key: bytes) -> str | None:
+        """The member whose identity gives this CURVE key (ZeroMQ's ``peer_of``), or None."""
+        try:
+            candidates = ed25519_candidates_from_curve(curve_public_key)
+        except ValueError:
+            return None
+        for public_key in candidates:
+            peer_id = peer_id_from_public_key(public_key)
+            if self._public_key_of(peer_id) == public_key:
+                return peer_id
+        return None
+
+    async def _zmq_request(
+        self, peer_id: str, address: str, frames: Frames, request_id: str, timeout: float
+    ) -> tuple[dict[str, Any], list[memoryview]]:
+        """A ZeroMQ request to ``peer_id``: CURVE proves the listener holds its key."""
+        public_key = self._public_key_of(peer_id)
+        if public_key is None:
+            raise TransportError(f"{peer_id} is not a member of our job")
+        return await self.transport.request(address, public_key, frames, request_id, timeout)
 
     # ---- the connection manager ------------------------------------------------------------
 
@@ -225,7 +263,7 @@ class Host:
             await self._ensure_link(peer_id)
         address = self.address_of(peer_id)
         if address is not None:
-            return await self.transport.request(address, frames, request_id, timeout)
+            return await self._zmq_request(peer_id, address, frames, request_id, timeout)
         assert self.webrtc is not None
         return await self.webrtc.request(peer_id, frames, request_id, timeout)
 
@@ -249,8 +287,8 @@ class Host:
         try:
             if address is not None:
                 kind = "zmq"
-                header, _ = await self.transport.request(
-                    address, ping, request_id, self.config.connect_timeout)
+                header, _ = await self._zmq_request(
+                    peer_id, address, ping, request_id, self.config.connect_timeout)
             else:
                 assert self.webrtc is not None
                 header, _ = await self.webrtc.request(
@@ -308,22 +346,30 @@ class Host:
 
     # ---- incoming ------------------------------------------------------------------------
 
-    async def _on_message(self, header: dict[str, Any], payloads: list[memoryview]) -> Frames:
+    async def _on_message(self, header: dict[str, Any], payloads: list[memoryview],
+                          origin: str | None) -> Frames:
+        """A request from ``origin`` (the member the transport authenticated, None: unknown).
+
+        ``ping`` is answered for anyone (link set-up, the rendezvous' newcomers); ``model``
+        must come from the member that signed it; ``get_model`` is served to members only.
+        """
         kind = header["type"]
         request_id = header.get("request_id")
+        if origin not in self.members:  # e.g. a WebRTC link to a peer that has just left
+            origin = None
         if kind == FrameType.PING.value:
             return [encode_control(FrameType.PONG, request_id=request_id)]
         if kind == FrameType.MODEL.value:
-            msg = await asyncio.to_thread(self._check_model, header, payloads)
+            if origin is None:
+                raise WireError("unknown_sender", "model from a peer outside our job")
+            msg = await asyncio.to_thread(self._check_model, header, payloads, origin)
             await self.inbox.put(msg)
             self.changed.set()
             log.info("received model epoch %d from %s (%d samples, %.1f MB)",
                      msg.epoch, msg.sender, msg.samples, msg.nbytes / 1e6)
             return [encode_control(FrameType.ACK, request_id=request_id, digest=msg.digest)]
         if kind == FrameType.GET_MODEL.value:
-            if header.get("job") != self.config.job or self._public_key_of(
-                str(header.get("sender"))
-            ) is None:
+            if origin is None:  # the header's "sender" is not proof of anything
                 raise WireError("unknown_sender", "get_model from a peer outside our job")
             frames = self._current_frames(str(request_id))
             if frames is None:
@@ -332,7 +378,13 @@ class Host:
             return frames
         raise WireError("unexpected", f"{kind} is not a request")
 
-    def _check_model(self, header: dict[str, Any], payloads: list[memoryview]) -> ModelMessage:
+    def _check_model(
+        self, header: dict[str, Any], payloads: list[memoryview], origin: str
+    ) -> ModelMessage:
+        """Decode and check a model that ``origin`` (authenticated by the transport) sent."""
+        if header.get("sender") != origin:  # a signed model relayed or replayed by another
+            raise WireError("sender_mismatch",
+                            f"a model signed as {header.get('sender')!r} came from {origin}")
         msg = decode_model(header, payloads, self._public_key_of, self.config.limits)
         if msg.job != self.config.job:
             raise WireError("wrong_job", f"model for job {msg.job!r}")
@@ -376,7 +428,7 @@ class Host:
         if header["type"] != FrameType.MODEL.value:
             raise TransportError(f"{peer_id} had no model: {header.get('reason')}")
         try:
-            return await asyncio.to_thread(self._check_model, header, payloads)
+            return await asyncio.to_thread(self._check_model, header, payloads, peer_id)
         except WireError as exc:
             raise TransportError(f"{peer_id} sent a bad model: {exc}") from exc
 

@@ -2,6 +2,12 @@
 
 The key is kept in a PEM file (PKCS#8, mode 0600) created on first run and reused after, so
 a peer keeps its id across restarts.
+
+The same key also gives the peer its ZeroMQ CURVE (X25519) key pair, the way libsodium
+converts keys (``crypto_sign_ed25519_sk_to_curve25519`` / ``..._pk_to_curve25519``): the
+secret is SHA-512(Ed25519 seed)[:32], clamped; the public key is the Montgomery
+u = (1 + y) / (1 - y) mod 2^255 - 19 of the Edwards point. So anyone who knows a peer's
+Ed25519 public key (every member of its job does) knows its CURVE key, with no new message.
 """
 
 from __future__ import annotations
@@ -17,14 +23,30 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
+CURVE_KEY_SIZE = 32
+
+_P = 2**255 - 19  # the field of Curve25519 / Ed25519
+_D = -121665 * pow(121666, -1, _P) % _P  # the Edwards curve constant d
+# u-coordinates of the points of small order on Curve25519 (order 1, 2, 4, 8): a key there
+# would give a shared secret an attacker can predict (libsodium refuses them too).
+_LOW_ORDER_U = frozenset({
+    0,
+    1,
+    _P - 1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+})
 
 # Domain-separation prefixes: a signature made for one purpose is never valid for another.
 DOMAIN_RENDEZVOUS_AUTH = b"peerlearn/rendezvous-auth/v1\x00"
 DOMAIN_DIALBACK = b"peerlearn/dialback/v1\x00"
 DOMAIN_MODEL = b"peerlearn/model/v1\x00"
+DOMAIN_SIGNAL = b"peerlearn/signal/v1\x00"
+DOMAIN_JOB_PROOF = b"peerlearn/job-proof/v1\x00"  # HMAC key: the job's join secret
 
 
 def peer_id_from_public_key(public_key: bytes) -> str:
@@ -48,8 +70,51 @@ def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
     return True
 
 
+def curve_public_key_from_ed25519(public_key: bytes) -> bytes:
+    """The X25519 (ZeroMQ CURVE) public key of the peer whose Ed25519 public key this is.
+
+    Raises ValueError for a key that is not 32 bytes, whose y is not canonical (>= p), that
+    is not a point of the curve, or whose point has small order.
+    """
+    if len(public_key) != PUBLIC_KEY_SIZE:
+        raise ValueError(
+            f"an Ed25519 public key has {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}"
+        )
+    y = int.from_bytes(public_key, "little") & ((1 << 255) - 1)  # the top bit is x's sign
+    if y >= _P:
+        raise ValueError("Ed25519 public key: y is not canonical")
+    y2 = y * y % _P
+    x2 = (y2 - 1) * pow(_D * y2 + 1, -1, _P) % _P
+    if x2 != 0 and pow(x2, (_P - 1) // 2, _P) != 1:
+        raise ValueError("Ed25519 public key: not a point of the curve")
+    if y == 1:
+        raise ValueError("Ed25519 public key: small order point")
+    u = (1 + y) * pow(1 - y, -1, _P) % _P
+    if u in _LOW_ORDER_U:
+        raise ValueError("Ed25519 public key: small order point")
+    return u.to_bytes(CURVE_KEY_SIZE, "little")
+
+
+def ed25519_candidates_from_curve(curve_public_key: bytes) -> tuple[bytes, bytes]:
+    """The two Ed25519 public keys whose CURVE key is ``curve_public_key``.
+
+    The map above drops the sign of x, so the inverse y = (u - 1) / (u + 1) gives the key
+    with either sign bit; look both up. Raises ValueError for a key of the wrong size or a
+    u with no y (u = p - 1).
+    """
+    if len(curve_public_key) != CURVE_KEY_SIZE:
+        raise ValueError(
+            f"a CURVE public key has {CURVE_KEY_SIZE} bytes, got {len(curve_public_key)}"
+        )
+    u = int.from_bytes(curve_public_key, "little") % _P
+    if u == _P - 1:
+        raise ValueError("CURVE public key: u = -1 has no Edwards point")
+    y = (u - 1) * pow(u + 1, -1, _P) % _P
+    return y.to_bytes(PUBLIC_KEY_SIZE, "little"), (y | 1 << 255).to_bytes(PUBLIC_KEY_SIZE, "little")
+
+
 class Identity:
-    """A peer's key pair."""
+    """A peer's key pair (and the CURVE key pair derived from it)."""
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         self._private_key = private_key
@@ -57,6 +122,21 @@ class Identity:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         self.peer_id: str = peer_id_from_public_key(self.public_key)
+        seed = private_key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        scalar = bytearray(hashlib.sha512(seed).digest()[:32])
+        scalar[0] &= 248
+        scalar[31] &= 127
+        scalar[31] |= 64
+        self.curve_secret_key: bytes = bytes(scalar)
+        """X25519 secret for ZeroMQ CURVE: SHA-512(seed)[:32], clamped (as libsodium)."""
+        self.curve_public_key: bytes = (
+            X25519PrivateKey.from_private_bytes(self.curve_secret_key).public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        )
+        """X25519 public key; equals ``curve_public_key_from_ed25519(self.public_key)``."""
 
     @classmethod
     def generate(cls) -> Identity:

@@ -4,8 +4,10 @@ Message types are an enum and each one's fields are declared once, in ``SCHEMA``
 checks a received frame against it and fails with a precise ``ProtocolError``.
 
     server -> peer   challenge {nonce, server, version}
-    peer   -> server join      {public_key, signature, job, addrs, meta}
+    peer   -> server join      {public_key, signature, job, addrs, meta, [proof]}
                                signature = sign(DOMAIN_RENDEZVOUS_AUTH + nonce + job)
+                               proof (closed jobs, see overlay.membership) =
+                                 HMAC-SHA256(join secret, DOMAIN_JOB_PROOF + job + public_key)
     server -> peer   welcome   {peer_id, observed_ip, reachable_addrs, members, ttl,
                                 heartbeat_interval, ice_servers}
     server -> peer   joined    {member}            (pushed, no polling)
@@ -21,8 +23,16 @@ checks a received frame against it and fails with a precise ``ProtocolError``.
 
 An ``error`` may carry more fields: ``unknown_peer`` has ``to``, the target it refers to.
 
-A member is {peer_id, public_key, addrs, meta, joined_at}; ``addrs`` only ever holds ZeroMQ
-addresses that the rendezvous dialed back and got a signed answer from.
+Size: a job holds at most ``MAX_MEMBERS`` members (more joins get ``error job_full``), so a
+``welcome`` is at most ``MAX_WELCOME_BYTES``; every other message, both ways, at most
+``MAX_MESSAGE_BYTES``. Pushed ``joined`` / ``left`` about one peer that are still queued for a
+slow socket are coalesced: only the latest is sent (it says all there is to know about that peer).
+
+A member is {peer_id, public_key, addrs, meta, joined_at, [proof]}; ``addrs`` only ever holds
+ZeroMQ addresses that the rendezvous dialed back and got a signed answer from; ``proof`` is the
+member's join proof (present when it sent one), so that peers check membership themselves.
+A join refused by the job's policy gets ``error not_invited`` (fatal: the client does not retry).
+Fields in [brackets] are optional (``OPTIONAL``), and type-checked when present.
 """
 
 from __future__ import annotations
@@ -42,6 +52,13 @@ MAX_META_ITEMS = 32
 MAX_STR = 256
 MAX_SIGNAL_BYTES = 32 * 1024
 MAX_PEER_ID = 128
+MAX_MEMBERS = 4096
+"""Most members one job may have; the rendezvous refuses more joins with ``job_full``."""
+MAX_MEMBER_BYTES = 2048
+"""Largest packed member map (addresses + meta); a join making a bigger one is ``too_large``."""
+MAX_WELCOME_BYTES = MAX_MESSAGE_BYTES + MAX_MEMBERS * MAX_MEMBER_BYTES
+"""Largest server -> peer message: a ``welcome`` listing ``MAX_MEMBERS`` members (8 MiB + 64 KiB).
+Peer -> server messages stay within ``MAX_MESSAGE_BYTES``."""
 JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADDR_RE = re.compile(r"^tcp://[A-Za-z0-9.\-\[\]:]{1,200}:\d{1,5}$")
 
@@ -78,6 +95,12 @@ class ErrorCode(enum.StrEnum):
     BAD_JOB = "bad_job"
     RATE_LIMITED = "rate_limited"
     UNKNOWN_PEER = "unknown_peer"  # signal target not a connected member of the sender's job
+    JOB_FULL = "job_full"  # the job already has MAX_MEMBERS members
+    NOT_INVITED = "not_invited"  # the job is closed to this peer (secret, list, closed server)
+
+
+FATAL_ERRORS = frozenset([ErrorCode.NOT_INVITED])
+"""Refusals that a retry cannot fix: the client gives up instead of reconnecting."""
 
 
 # Messages a peer may send, by type: field -> allowed Python types.
@@ -111,6 +134,11 @@ SCHEMA: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.LEFT: {"peer_id": (str,), "reason": (str,)},
     MsgType.ERROR: {"code": (str,), "message": (str,)},
 }
+# Fields a message may carry, by type: checked like SCHEMA's when present.
+OPTIONAL: dict[MsgType, dict[str, tuple[type, ...]]] = {
+    MsgType.JOIN: {"proof": (bytes,)},
+}
+MAX_PROOF_BYTES = 64
 
 
 def encode(msg_type: MsgType, **fields: Any) -> bytes:
@@ -118,10 +146,36 @@ def encode(msg_type: MsgType, **fields: Any) -> bytes:
     return msgpack.packb({"type": msg_type.value, **fields}, use_bin_type=True)
 
 
+def pack(value: Any) -> bytes:
+    """One value as msgpack, for ``encode_prepacked``."""
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def pack_array(packed_items: list[bytes]) -> bytes:
+    """An array of values each already packed (see ``pack``)."""
+    return msgpack.Packer().pack_array_header(len(packed_items)) + b"".join(packed_items)
+
+
+def encode_prepacked(msg_type: MsgType, prepacked: dict[str, bytes], **fields: Any) -> bytes:
+    """Like ``encode``, with the values of ``prepacked`` already msgpack (the same bytes as
+    ``encode`` would give): the rendezvous packs a member once, not once per frame."""
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = [packer.pack_map_header(1 + len(fields) + len(prepacked)),
+             packer.pack("type"), packer.pack(msg_type.value)]
+    for name, value in fields.items():
+        parts += [packer.pack(name), packer.pack(value)]
+    for name, packed in prepacked.items():
+        parts += [packer.pack(name), packed]
+    return b"".join(parts)
+
+
 def decode(
-    data: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES
+    data: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES, max_items: int = 1024
 ) -> tuple[MsgType, dict[str, Any]]:
-    """Unpack and check one message; raise ProtocolError with a precise reason otherwise."""
+    """Unpack and check one message; raise ProtocolError with a precise reason otherwise.
+
+    ``max_items`` bounds every array (a ``welcome`` needs ``MAX_MEMBERS``).
+    """
     if isinstance(data, str):
         raise ProtocolError(ErrorCode.MALFORMED, "text frame; messages are binary msgpack")
     if len(data) > max_bytes:
@@ -133,7 +187,7 @@ def decode(
             strict_map_key=True,
             max_str_len=max_bytes,
             max_bin_len=max_bytes,
-            max_array_len=1024,
+            max_array_len=max_items,
             max_map_len=256,
         )
     except Exception as exc:  # msgpack raises many types; all mean "malformed"
@@ -145,8 +199,11 @@ def decode(
         msg_type = MsgType(raw_type)
     except ValueError:
         raise ProtocolError(ErrorCode.MALFORMED, f"unknown message type {raw_type!r}") from None
-    for name, types in SCHEMA[msg_type].items():
+    optional = OPTIONAL.get(msg_type, {})
+    for name, types in [*SCHEMA[msg_type].items(), *optional.items()]:
         if name not in obj:
+            if name in optional:
+                continue
             raise ProtocolError(ErrorCode.MALFORMED, f"{msg_type.value}: missing field {name!r}")
         value = obj[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
@@ -173,6 +230,15 @@ def check_addrs(addrs: list[Any]) -> list[str]:
                 ErrorCode.MALFORMED, f"bad address {str(addr)[:80]!r}; want tcp://HOST:PORT"
             )
     return list(addrs)
+
+
+def check_proof(proof: bytes | None) -> bytes | None:
+    """``join.proof``: absent, or a short byte string (an HMAC-SHA256 is 32 bytes)."""
+    if proof is not None and not 0 < len(proof) <= MAX_PROOF_BYTES:
+        raise ProtocolError(
+            ErrorCode.MALFORMED, f"join.proof: {len(proof)} bytes, want 1..{MAX_PROOF_BYTES}"
+        )
+    return proof
 
 
 def check_meta(meta: dict[Any, Any]) -> dict[str, Any]:

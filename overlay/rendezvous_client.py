@@ -14,6 +14,7 @@ the sender as the rendezvous authenticated it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -21,11 +22,14 @@ from typing import Any
 
 import aiohttp
 
-from overlay.errors import ProtocolError, RendezvousError
+from overlay.errors import ProtocolError, RendezvousError, RendezvousRefused
 from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity, peer_id_from_public_key
+from overlay.membership import JobPolicy, refusal_message
 from overlay.protocol import (
-    MAX_MESSAGE_BYTES,
+    FATAL_ERRORS,
+    MAX_MEMBERS,
     MAX_SIGNAL_BYTES,
+    MAX_WELCOME_BYTES,
     ErrorCode,
     MsgType,
     SignalKind,
@@ -45,6 +49,7 @@ Member = dict[str, Any]
 ClientEvent = tuple[Any, ...]  # ("joined", member) | ("left", peer_id, reason)
 Signal = tuple[str, str, Any]  # (from peer_id, kind, data: bytes | dict)
 SIGNAL_QUEUE_MAX = 1024
+MAX_REFUSED_LOGGED = 4096
 """Received signals kept for a slow reader; more are dropped (and logged)."""
 
 
@@ -93,6 +98,7 @@ class RendezvousClient:
         connect_timeout: float = 10.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 10.0,
+        membership: JobPolicy | None = None,
     ) -> None:
         self.url = normalize_url(url)
         self.identity = identity
@@ -104,6 +110,14 @@ class RendezvousClient:
         """Bound on connect + challenge + join + welcome (dial-back happens in there)."""
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.membership = membership
+        """Our own copy of the job's policy: we send its proof in ``join``, and members that
+        fail it never enter ``members`` (whatever the rendezvous says)."""
+        self.refused_members: collections.Counter[str] = collections.Counter()
+        """Member announcements ignored because they fail ``membership``, by ``Refusal``."""
+        self._refused_logged: set[str] = set()
+        self.refused: RendezvousRefused | None = None
+        """Set when the rendezvous refused a re-join for good (then we stop reconnecting)."""
 
         self.peer_id: str = identity.peer_id
         self.members: dict[str, Member] = {}
@@ -212,13 +226,16 @@ class RendezvousClient:
             async with asyncio.timeout(self.connect_timeout):
                 ws = await self._session.ws_connect(
                     self.url,
-                    max_msg_size=MAX_MESSAGE_BYTES,
+                    max_msg_size=MAX_WELCOME_BYTES,  # the welcome lists the whole job
                     compress=0,
                     autoping=True,
                     heartbeat=WS_PING_INTERVAL,  # notice a dead server without waiting on TCP
                 )
                 challenge = await self._expect(ws, MsgType.CHALLENGE)
                 signed = DOMAIN_RENDEZVOUS_AUTH + challenge["nonce"] + self.job.encode()
+                proof = None if self.membership is None else self.membership.proof(
+                    self.job, self.identity.public_key
+                )
                 join = encode(
                     MsgType.JOIN,
                     public_key=self.identity.public_key,
@@ -226,6 +243,7 @@ class RendezvousClient:
                     job=self.job,
                     addrs=self.addrs,
                     meta=self.meta,
+                    **({} if proof is None else {"proof": proof}),
                 )
                 await ws.send_bytes(join)
                 welcome = await self._expect(ws, MsgType.WELCOME)
@@ -256,10 +274,12 @@ class RendezvousClient:
         if msg.type is not aiohttp.WSMsgType.BINARY:
             raise RendezvousError(f"connection closed while waiting for {want.value}")
         try:
-            msg_type, fields = decode(msg.data)
+            msg_type, fields = decode(msg.data, max_bytes=MAX_WELCOME_BYTES, max_items=MAX_MEMBERS)
         except ProtocolError as exc:
             raise RendezvousError(f"bad message from the rendezvous: {exc}") from None
         if msg_type is MsgType.ERROR:
+            if fields["code"] in FATAL_ERRORS:
+                raise RendezvousRefused(fields["code"], fields["message"])
             raise RendezvousError(f"{fields['code']}: {fields['message']}")
         if msg_type is not want:
             raise RendezvousError(f"expected {want.value}, got {msg_type.value}")
@@ -272,7 +292,11 @@ class RendezvousClient:
         self.ice_servers = [s for s in welcome["ice_servers"] if isinstance(s, dict)]
         self.heartbeat_interval = max(float(welcome["heartbeat_interval"]), 0.05)
         members = (_valid_member(m) for m in welcome["members"])
-        new = {m["peer_id"]: m for m in members if m is not None and m["peer_id"] != self.peer_id}
+        new = {
+            m["peer_id"]: m
+            for m in members
+            if m is not None and m["peer_id"] != self.peer_id and self._admitted(m)
+        }
         old, self.members = self.members, new
         if initial:
             return
@@ -293,8 +317,12 @@ class RendezvousClient:
             return
         if msg_type is MsgType.JOINED:
             member = _valid_member(fields["member"])
-            if member is None or member["peer_id"] == self.peer_id:
+            if member is None or member["peer_id"] == self.peer_id or not self._admitted(member):
                 return
+            if member["peer_id"] in self.members:
+                # the rendezvous coalesced a left + joined of this peer (we were behind): it
+                # left and came back, so say so, as a reconnect's reconciliation does
+                self.events.put_nowait(("left", member["peer_id"], "replaced"))
             self.members[member["peer_id"]] = member
             self.events.put_nowait(("joined", member))
         elif msg_type is MsgType.LEFT:
@@ -309,6 +337,26 @@ class RendezvousClient:
                 log.warning("rendezvous error: %s: %s", fields["code"], fields["message"])
         else:
             log.debug("ignoring %s from the rendezvous", msg_type.value)
+
+    def _admitted(self, member: Member) -> bool:
+        """Our own check of the job's policy on a member the rendezvous announced."""
+        if self.membership is None:
+            return True
+        proof = member.get("proof")
+        refusal = self.membership.check(
+            self.job, member["public_key"], proof if isinstance(proof, bytes) else None
+        )
+        if refusal is None:
+            return True
+        self.refused_members[refusal.value] += 1
+        peer_id = member["peer_id"]
+        if peer_id not in self._refused_logged:  # once per peer (a bounded memory of them)
+            if len(self._refused_logged) >= MAX_REFUSED_LOGGED:
+                self._refused_logged.clear()
+            self._refused_logged.add(peer_id)
+            log.warning("ignoring member %s that the rendezvous announced: %s", peer_id,
+                        refusal_message(refusal, self.job, peer_id))
+        return False
 
     def _on_signal(self, fields: dict[str, Any]) -> None:
         try:
@@ -334,8 +382,10 @@ class RendezvousClient:
                 if self._ws is ws:
                     self._ws = None
                     self._connected.clear()
-                log.warning("lost the rendezvous session (%s)", ws.close_code)
-            if not self.reconnect or self._closed:
+                log.warning("lost the rendezvous session (%s%s)", ws.close_code,
+                            ": we sent a message too large for it" if ws.close_code == 1009
+                            else "")
+            if not self.reconnect or self._closed or self.refused is not None:
                 return
             await self._reconnect()
 
@@ -345,6 +395,10 @@ class RendezvousClient:
             await asyncio.sleep(min(self.backoff_max, delay * random.uniform(1.0, 1.5)))
             try:
                 await self._connect(initial=False)
+                return
+            except RendezvousRefused as exc:
+                log.error("the rendezvous refused us (%s); not reconnecting", exc)
+                self.refused = exc
                 return
             except RendezvousError as exc:
                 log.info("reconnect to %s failed: %s", self.url, exc)

@@ -227,6 +227,22 @@ def decode_header(frame: bytes | memoryview, limits: Limits = Limits()) -> dict[
     return header
 
 
+def request_id_of(frame: bytes | memoryview, limits: Limits = Limits()) -> str | None:
+    """The ``request_id`` of a header frame that :func:`decode_header` refused, if it is a
+    msgpack map within the size limit that names one (e.g. a peer of another wire version):
+    the nack then carries it, so the requester learns why at once instead of timing out."""
+    if len(frame) > limits.max_header_bytes:
+        return None
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True,
+                                 max_array_len=max(limits.max_arrays, limits.max_ndim, 16),
+                                 max_map_len=64)
+    except Exception:  # not msgpack: nothing to recover
+        return None
+    request_id = header.get("request_id") if isinstance(header, dict) else None
+    return request_id if isinstance(request_id, str) and len(request_id) <= 256 else None
+
+
 def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = header.get(name)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):

@@ -12,10 +12,20 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from overlay.membership import JOB_SECRET_ENV
+from rendezvous.options import TURN_SECRET_ENV
+from rendezvous.options import add_arguments as add_rendezvous_arguments
+from rendezvous.options import config_from_args as rendezvous_config_from_args
+
+if TYPE_CHECKING:
+    from learner.robust import Robust
+
+__all__ = ["TURN_SECRET_ENV", "build_parser", "main"]
 
 log = logging.getLogger("peerlearn")
 
-TURN_SECRET_ENV = "PEERLEARN_TURN_SECRET"
 
 
 def _setup_logging(verbose: int, prefix: str = "") -> None:
@@ -48,6 +58,15 @@ def _partition(value: str) -> str:
     return value
 
 
+def _robust(value: str) -> Robust:
+    from learner.robust import Robust  # torch: only the peer needs it
+
+    try:
+        return Robust.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # ---- rendezvous ------------------------------------------------------------------------------
 
 
@@ -58,42 +77,17 @@ def _add_rendezvous(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        "signaling, answers STUN on UDP and hands out TURN credentials for a "
                        "coturn server (use-auth-secret). No public STUN/TURN server is ever "
                        "handed out unless given here.")
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=5555, help="HTTP/WebSocket port (default 5555)")
-    p.add_argument("--ttl", type=float, default=15.0,
-                   help="seconds without a heartbeat before a peer is dropped (default 15)")
-    p.add_argument("--heartbeat", type=float, default=5.0,
-                   help="heartbeat interval told to peers, seconds (default 5)")
-    p.add_argument("--stun-port", type=int, default=3478,
-                   help="UDP port of the built-in STUN server, bound on --host "
-                   "(default 3478; 0 picks a free port; -1 disables STUN)")
-    p.add_argument("--public-host", default=None, metavar="HOST",
-                   help="host name or IP of this server as peers reach it, used in the stun: "
-                   "URL given to peers (default: the host each peer connected to)")
-    p.add_argument("--turn-url", dest="turn_urls", action="append", default=[], metavar="URL",
-                   help="a coturn URL handed to peers with short-lived credentials, e.g. "
-                   "turn:turn.example.org:3478 or turn:HOST:3478?transport=tcp (repeatable; "
-                   "needs --turn-secret)")
-    p.add_argument("--turn-secret", default=os.environ.get(TURN_SECRET_ENV), metavar="S",
-                   help="coturn's static-auth-secret (use-auth-secret); better set in the "
-                   f"environment as {TURN_SECRET_ENV} so it does not show in ps")
-    p.add_argument("--turn-ttl", type=float, default=3600.0,
-                   help="lifetime of the TURN credentials, seconds (default 3600)")
+    add_rendezvous_arguments(p)
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(run=_run_rendezvous)
 
 
 def _run_rendezvous(args: argparse.Namespace) -> int:
-    from rendezvous.config import RendezvousConfig
     from rendezvous.server import serve
 
     _setup_logging(args.verbose, "rendezvous ")
     try:
-        config = RendezvousConfig(
-            host=args.host, port=args.port, ttl=args.ttl, heartbeat_interval=args.heartbeat,
-            stun_port=args.stun_port, public_host=args.public_host, turn_urls=args.turn_urls,
-            turn_secret=args.turn_secret or None, turn_ttl=args.turn_ttl,
-        )
+        config = rendezvous_config_from_args(args)
     except ValueError as exc:
         log.error("rendezvous: %s", exc)
         return 2
@@ -147,6 +141,13 @@ def _add_peer(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument("--key", dest="key_file", default=None,
                    help="identity key file (created on first run; default "
                    "~/.local/share/peerlearn/peer-NUM.pem)")
+    p.add_argument("--job-secret", dest="job_secret_file", default=None, metavar="PATH",
+                   help="closed job: file holding the job's join secret (default: the "
+                   f"environment variable {JOB_SECRET_ENV}, if set); members without a valid "
+                   "proof of it are ignored")
+    p.add_argument("--allow-peers", dest="allow_peers_file", default=None, metavar="PATH",
+                   help="closed job: file of the peer ids allowed in the job, one per line "
+                   "(# comments); other members are ignored")
     p.add_argument("--merge-wait", type=float, default=60.0,
                    help="seconds to wait for the others' models of an epoch (default 60)")
     p.add_argument("--fanout", type=int, default=None, metavar="K",
@@ -161,6 +162,14 @@ def _add_peer(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                    "local validation split (10%% of our data)")
     p.add_argument("--gate-margin", type=float, default=5.0,
                    help="accuracy points below ours that the gate tolerates (default 5)")
+    p.add_argument("--robust", default="none", type=_robust,
+                   metavar="none|median|trimmed:B|clip:T",
+                   help="how received models are combined with ours: none = weighted average "
+                   "(default); median = coordinate-wise median; trimmed:B = coordinate-wise "
+                   "mean without the B fraction (0 <= B < 0.5, at least one) at each end; "
+                   "clip:T = differences from our model scaled down to at most T times the "
+                   "median difference norm, then the weighted average. Bounds what a "
+                   "poisoned model can do")
     p.add_argument("--codec", default="raw", choices=["raw", "fp16", "int8"],
                    help="how our model travels: raw (default), fp16, int8 (blockwise)")
     p.add_argument("--min-peers", type=int, default=1,
@@ -193,6 +202,8 @@ def _run_peer(args: argparse.Namespace) -> int:
     from overlay.errors import OverlayError
 
     fields = {k: v for k, v in vars(args).items() if k not in ("run", "verbose", "command")}
+    if args.job_secret_file is None and os.environ.get(JOB_SECRET_ENV):
+        fields["job_secret_env"] = JOB_SECRET_ENV
     if args.listen is not None:
         fields["listen"] = args.listen
     try:
@@ -220,6 +231,33 @@ async def _until_signal(coro):  # type: ignore[no-untyped-def]
         if stopped:
             raise KeyboardInterrupt from None
         raise
+
+
+# ---- identity --------------------------------------------------------------------------------
+
+
+def _add_identity(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("identity", help="print the peer id of a key file (created if missing)",
+                       description="Print the peer id and public key of an identity key file, "
+                       "creating the key first if it does not exist. The output line is "
+                       "ready to append to a closed job's --allow-peers file.")
+    p.add_argument("--key", "--identity", dest="key_file", required=True, metavar="PATH",
+                   help="the key file, as given to `peerlearn peer --key` (a peer's default "
+                   "is ~/.local/share/peerlearn/peer-NUM.pem)")
+    p.set_defaults(run=_run_identity, verbose=0)
+
+
+def _run_identity(args: argparse.Namespace) -> int:
+    _setup_logging(0)
+    from overlay.identity import Identity
+
+    try:
+        identity = Identity.load_or_create(args.key_file)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(f"{identity.peer_id}  # {args.key_file}, public key {identity.public_key.hex()}")
+    return 0
 
 
 # ---- demo ------------------------------------------------------------------------------------
@@ -283,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_rendezvous(sub)
     _add_peer(sub)
+    _add_identity(sub)
     _add_demo(sub)
     _add_data(sub)
     return parser

@@ -44,6 +44,8 @@ class LocalSwarm:
         self.rendezvous_ip = "127.0.0.1"
         self.peers: dict[int, subprocess.Popen[bytes]] = {}
         self._logs: list[Any] = []
+        self._rendezvous_launch: tuple[list[str], NamespaceHost | None] | None = None
+        self._peer_launch: dict[int, tuple[list[str], NamespaceHost | None, str]] = {}
 
     def __enter__(self) -> LocalSwarm:
         return self
@@ -51,12 +53,12 @@ class LocalSwarm:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str], host: NamespaceHost | None = None
-               ) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, args: list[str], host: NamespaceHost | None = None,
+               module: str = "peerlearn") -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop())
         self._logs.append(log)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "peerlearn", *args]
+        argv = [sys.executable, "-m", module, *args]
         if host is not None:
             argv = host.argv(argv)
         return subprocess.Popen(argv, stdout=log,
@@ -74,13 +76,20 @@ class LocalSwarm:
                 "--ttl", str(ttl), "--heartbeat", str(heartbeat)]
         if host is None and "--stun-port" not in extra:
             args += ["--stun-port", "0"]
-        self.rendezvous = self._spawn("rendezvous", [*args, *extra], host)
+        self._rendezvous_launch = ([*args, *extra], host)
+        return self._launch_rendezvous(timeout)
+
+    def _launch_rendezvous(self, timeout: float) -> int:
+        assert self._rendezvous_launch is not None
+        args, host = self._rendezvous_launch
+        seen = len(self.log("rendezvous"))  # a restart appends to the same log
+        self.rendezvous = self._spawn("rendezvous", args, host)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.rendezvous.poll() is not None:
-                raise RuntimeError(f"rendezvous exited: {self.log('rendezvous')[-2000:]}")
+                raise RuntimeError(f"rendezvous exited: {self.log('rendezvous')[seen:][-2000:]}")
             if host is not None:  # its namespace is not reachable from here: read its log
-                if "rendezvous listening on" in self.log("rendezvous"):
+                if "rendezvous listening on" in self.log("rendezvous")[seen:]:
                     return self.rendezvous_port
                 time.sleep(0.1)
                 continue
@@ -102,15 +111,40 @@ class LocalSwarm:
             "--turn-secret", turn_secret))
         return rdv, turn
 
+    def restart_rendezvous(self, sig: int = signal.SIGKILL, down: float = 0.0,
+                           timeout: float = 30.0) -> None:
+        """Kill the rendezvous with ``sig``, leave it down ``down`` seconds, start it again
+        with the same command (same address and port) and wait until it serves. Its registry
+        starts empty: the peers must re-register by themselves (soft state)."""
+        if self.rendezvous is None or self._rendezvous_launch is None:
+            raise RuntimeError("no rendezvous to restart")
+        if self.rendezvous.poll() is None:
+            self.rendezvous.send_signal(sig)
+        self.rendezvous.wait(10)
+        time.sleep(down)
+        self._launch_rendezvous(timeout)
+
     def http_json(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.rendezvous_port}{path}"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.load(response)
+        """GET ``path`` from the rendezvous (from inside its namespace in the NAT lab)."""
+        url = f"http://{self.rendezvous_ip}:{self.rendezvous_port}{path}"
+        host = self._rendezvous_launch[1] if self._rendezvous_launch else None
+        if host is None:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.load(response)
+        fetch = ("import sys, urllib.request; "
+                 "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
+        proc = subprocess.run(host.argv([sys.executable, "-c", fetch, url]), capture_output=True,
+                              text=True, timeout=30)
+        if proc.returncode != 0:  # the same exception type as the loopback branch raises
+            raise OSError(f"GET {url} in the lab failed: {proc.stderr.strip()[-500:]}")
+        return json.loads(proc.stdout)
 
     def start_peer(self, num: int, total: int, epochs: int, *extra: str,
                    threads: int | None = 1, host: NamespaceHost | None = None,
-                   listen: str | None = "127.0.0.1:0") -> subprocess.Popen[bytes]:
-        """Start peer ``num``; ``listen=None``: no ZeroMQ listener (a peer behind NAT)."""
+                   listen: str | None = "127.0.0.1:0", module: str = "peerlearn"
+                   ) -> subprocess.Popen[bytes]:
+        """Start peer ``num``; ``listen=None``: no ZeroMQ listener (a peer behind NAT);
+        ``module``: run ``python -m module peer ...`` instead (the tests' attacker)."""
         args = ["peer", "--num", str(num), "--total", str(total), "--epochs", str(epochs),
                 "--rendezvous", f"{self.rendezvous_ip}:{self.rendezvous_port}",
                 "--key", str(self.workdir / f"peer-{num}.pem"),
@@ -120,7 +154,22 @@ class LocalSwarm:
             args += ["--listen", listen]
         if threads:
             args += ["--threads", str(threads)]
-        proc = self.peers[num] = self._spawn(f"peer-{num}", args, host)
+        self._peer_launch[num] = (args, host, module)
+        proc = self.peers[num] = self._spawn(f"peer-{num}", args, host, module)
+        return proc
+
+    def restart_peer(self, num: int, *extra: str, sig: int = signal.SIGKILL
+                     ) -> subprocess.Popen[bytes]:
+        """Kill peer ``num`` with ``sig`` (if it still runs) and start it again with the same
+        command: the same key (so the same peer id), checkpoint, events file and log. A peer
+        with a checkpoint resumes from it (its ``start`` event says ``resumed``). ``extra``
+        is appended to the command (a later flag overrides an earlier one)."""
+        if num not in self._peer_launch:
+            raise KeyError(f"peer {num} was never started")
+        if self.peers[num].poll() is None:
+            self.kill(num, sig)
+        args, host, module = self._peer_launch[num]
+        proc = self.peers[num] = self._spawn(f"peer-{num}", [*args, *extra], host, module)
         return proc
 
     def events_path(self, num: int) -> Path:

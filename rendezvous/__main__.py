@@ -1,37 +1,38 @@
-"""``python -m rendezvous``: run the rendezvous service until SIGINT/SIGTERM."""
+"""``python -m rendezvous``: run the rendezvous service until SIGINT/SIGTERM.
+
+The options are those of ``peerlearn rendezvous`` (``rendezvous.options``), plus --log-level.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
-from rendezvous.config import RendezvousConfig
+from rendezvous.options import add_arguments, config_from_args
 from rendezvous.server import serve
 
+log = logging.getLogger("rendezvous")
 
-def main(argv: list[str] | None = None) -> None:
-    defaults = RendezvousConfig()
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rendezvous", description=__doc__)
-    parser.add_argument("--host", default=defaults.host)
-    parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--ttl", type=float, default=defaults.ttl)
-    parser.add_argument("--heartbeat-interval", type=float, default=defaults.heartbeat_interval)
-    parser.add_argument("--dialback-timeout", type=float, default=defaults.dialback_timeout)
+    add_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
-        config = RendezvousConfig(
-            host=args.host,
-            port=args.port,
-            ttl=args.ttl,
-            heartbeat_interval=args.heartbeat_interval,
-            dialback_timeout=args.dialback_timeout,
-        )
+        config = config_from_args(args)
     except ValueError as exc:
-        parser.error(str(exc))
-    serve(config)
+        log.error("rendezvous: %s", exc)
+        return 2
+    try:
+        serve(config)
+    except OSError as exc:  # a port already taken, an address not ours
+        log.error("rendezvous: cannot bind: %s", exc)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

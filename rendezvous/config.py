@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlay.protocol import MAX_MESSAGE_BYTES
+from overlay.membership import JobPolicy
+from overlay.protocol import JOB_RE, MAX_MESSAGE_BYTES
 
 
 @dataclass
@@ -85,6 +86,40 @@ class RendezvousConfig:
     ice_servers: list[dict[str, Any]] = field(default_factory=list)
     """Extra ICE servers appended to our own STUN/TURN in ``welcome`` (default: none)."""
 
+    jobs: dict[str, JobPolicy] = field(default_factory=dict)
+    """Per-job admission policy (join secret and/or allowed peer ids, ``overlay.membership``);
+    a job not named here is open, unless ``closed``. Secrets never appear in ``repr``."""
+
+    closed: bool = False
+    """Refuse every job that has no entry in ``jobs`` (a private rendezvous)."""
+
+    expose_addresses: bool = False
+    """Show the peers' ZeroMQ addresses on ``GET /peers`` and the dashboard (default: only
+    whether a peer is reachable). Observed IPs and join proofs are never shown."""
+
+    dialback_any_host: bool = False
+    """Dial back offered addresses on any host. Default: only addresses on the IP the peer's
+    WebSocket came from, so the rendezvous cannot be aimed at third parties; set this behind a
+    reverse proxy, where that IP is the proxy's."""
+
+    message_rate: float = 200.0
+    """Messages per second allowed per session, of any type (signals included); 0: no limit.
+    Beyond it messages are answered ``rate_limited`` and count towards ``max_errors``."""
+
+    message_burst: float = 600.0
+    """How many messages a session may send at once (link set-up sends bursts of signals)."""
+
+    failed_join_rate: float = 0.5
+    """Refused joins per second allowed per source IP; beyond it (once ``failed_join_burst``
+    is spent) that IP's joins are refused as ``rate_limited`` before any check. 0: no limit."""
+
+    failed_join_burst: float = 20.0
+    """How many refused joins a source IP may have in a row before ``failed_join_rate`` applies."""
+
+    def policy_for(self, job: str) -> JobPolicy | None:
+        """The job's policy; None if it has none (open; refused altogether when ``closed``)."""
+        return self.jobs.get(job)
+
     def __post_init__(self) -> None:
         if self.ttl <= 0 or self.heartbeat_interval <= 0:
             raise ValueError("ttl and heartbeat_interval must be positive")
@@ -109,3 +144,10 @@ class RendezvousConfig:
             raise ValueError("a TURN secret without TURN URLs")
         if self.turn_ttl <= 0:
             raise ValueError("turn_ttl must be positive")
+        for job in self.jobs:
+            if not JOB_RE.match(job):
+                raise ValueError(f"job name {job[:80]!r} must match {JOB_RE.pattern}")
+        if self.message_rate < 0 or self.message_burst < 1 or self.failed_join_rate < 0 or (
+            self.failed_join_burst < 1
+        ):
+            raise ValueError("message/failed-join rates must be >= 0 and bursts >= 1")

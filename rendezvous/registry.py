@@ -7,12 +7,15 @@ seconds), so tests drive expiry without sleeping.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from overlay.errors import ProtocolError
 from overlay.identity import peer_id_from_public_key
+from overlay.protocol import MAX_MEMBER_BYTES, MAX_MEMBERS, ErrorCode, pack
 
 EventKind = Literal["joined", "left"]
 
@@ -36,16 +39,28 @@ class Member:
     history: deque[dict[str, Any]] = field(default_factory=deque)
     links: dict[str, dict[str, Any]] = field(default_factory=dict)
     """How this peer reaches the others: peer id -> {kind, connect_s} (its latest word)."""
+    proof: bytes | None = field(default=None, repr=False)
+    """The peer's join proof (closed jobs), passed on to the other members; never on HTTP."""
 
     def to_wire(self) -> dict[str, Any]:
-        """The member map of the protocol: {peer_id, public_key, addrs, meta, joined_at}."""
-        return {
+        """The member map of the protocol: {peer_id, public_key, addrs, meta, joined_at,
+        [proof]}."""
+        wire = {
             "peer_id": self.peer_id,
             "public_key": self.public_key,
             "addrs": list(self.addrs),
             "meta": dict(self.meta),
             "joined_at": self.joined_at,
         }
+        if self.proof is not None:
+            wire["proof"] = self.proof
+        return wire
+
+    @functools.cached_property
+    def packed(self) -> bytes:
+        """``to_wire()`` packed once (the fields it shows never change after the join): every
+        ``joined`` and ``welcome`` carries these bytes instead of packing the member again."""
+        return pack(self.to_wire())
 
     @property
     def latest_report(self) -> dict[str, Any] | None:
@@ -66,9 +81,13 @@ class Event:
 class Registry:
     """Members per job; a registration lives until ``leave`` or ``ttl`` seconds of silence."""
 
-    def __init__(self, ttl: float, history_len: int = 100) -> None:
+    def __init__(
+        self, ttl: float, history_len: int = 100, max_members: int = MAX_MEMBERS
+    ) -> None:
         self.ttl = ttl
         self.history_len = history_len
+        self.max_members = max_members
+        """Most members per job (a welcome must fit ``MAX_WELCOME_BYTES``); more joins fail."""
         self._members: dict[str, Member] = {}  # peer_id -> member (one job per peer key)
         self._jobs: dict[str, dict[str, Member]] = {}  # job -> peer_id -> member
 
@@ -99,15 +118,22 @@ class Registry:
         session: int,
         now: float,
         wall_time: float | None = None,
+        proof: bytes | None = None,
     ) -> tuple[Member, list[Event]]:
         """Register (or re-register) a peer; a re-join replaces the old session's entry.
 
         Others hear ``joined`` for a new peer; for a re-join they hear ``left(replaced)`` +
         ``joined`` only if the job or the addresses changed, otherwise nothing.
+        Raises ProtocolError ``job_full`` when the job has ``max_members`` others already, and
+        ``too_large`` when the member map would exceed ``MAX_MEMBER_BYTES``.
         """
         peer_id = peer_id_from_public_key(public_key)
         old = self._members.get(peer_id)
         same_job = old is not None and old.job == job
+        if not same_job and len(self._jobs.get(job, ())) >= self.max_members:
+            raise ProtocolError(
+                ErrorCode.JOB_FULL, f"job {job} already has {self.max_members} members"
+            )
         member = Member(
             peer_id=peer_id,
             public_key=public_key,
@@ -120,11 +146,18 @@ class Registry:
             ),
             last_seen=now,
             history=old.history if old is not None and same_job else deque(maxlen=self.history_len),
+            proof=proof,
         )
+        size = len(member.packed)
+        if size > MAX_MEMBER_BYTES:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"member record of {size} bytes > {MAX_MEMBER_BYTES}: fewer addrs or less meta",
+            )
         events: list[Event] = []
         if old is not None:
             self._remove(old)
-            if not same_job or old.addrs != member.addrs:
+            if not same_job or old.addrs != member.addrs or old.proof != member.proof:
                 events.append(Event("left", old.job, peer_id, reason="replaced"))
         self._members[peer_id] = member
         self._jobs.setdefault(job, {})[peer_id] = member

@@ -19,7 +19,9 @@ import logging
 import os
 import re
 import signal
+import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from importlib import metadata
 from typing import Any
@@ -28,9 +30,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from overlay.dialback import dial_back
 from overlay.errors import ProtocolError
-from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, verify_signature
+from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, peer_id_from_public_key, verify_signature
+from overlay.membership import refusal_message
 from overlay.protocol import (
     JOB_RE,
+    MAX_MEMBERS,
     MAX_SIGNAL_BYTES,
     PROTOCOL_VERSION,
     ErrorCode,
@@ -39,11 +43,15 @@ from overlay.protocol import (
     check_job,
     check_links,
     check_meta,
+    check_proof,
     check_signal,
     decode,
     encode,
+    encode_prepacked,
+    pack_array,
 )
 from rendezvous.config import RendezvousConfig
+from rendezvous.ratelimit import KeyedRateLimiter, TokenBucket
 from rendezvous.registry import Event, Member, Registry
 from rendezvous.stun import StunServer
 from rendezvous.turn import turn_ice_server
@@ -69,6 +77,26 @@ class _UnknownPeer(ProtocolError):
     def __init__(self, to: str) -> None:
         super().__init__(ErrorCode.UNKNOWN_PEER, f"{to}: not a connected member of this job")
         self.fields = {"to": to}
+
+
+class _Flooding(ProtocolError):
+    """More messages than the session's rate: unlike other ``rate_limited``, counted as an
+    error, so a session that keeps flooding is closed (``max_errors``)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(ErrorCode.RATE_LIMITED, f"more than {rate:g} messages per second")
+
+
+def _as_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP (brackets and a zone id removed, IPv4-mapped IPv6 as IPv4), or None
+    if it is not an IP literal."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def _error_frame(exc: ProtocolError) -> bytes:
@@ -104,7 +132,13 @@ def _reached_host(request: web.Request) -> str:
 
 
 class _Connection:
-    """One WebSocket. Every outgoing frame goes through the outbox, written by one task."""
+    """One WebSocket. Every outgoing frame goes through the outbox, written by one task.
+
+    The outbox keeps order, with one exception: a ``joined`` / ``left`` about a peer replaces
+    the one about the same peer still waiting (in its place), so the membership backlog of a
+    socket is bounded by the job's size, and a burst of joins does not make a healthy but
+    momentarily behind peer "too slow". Only the other frames count towards ``limit``.
+    """
 
     def __init__(
         self, ws: web.WebSocketResponse, session: int, remote: str, limit: int, host: str = ""
@@ -115,10 +149,13 @@ class _Connection:
         self.host = host
         """The rendezvous host as this peer reaches it (goes in the ``stun:`` URL)."""
         self.peer_id: str | None = None
-        self._signal_tokens: float | None = None
-        self._signal_last = 0.0
+        self._signals: TokenBucket | None = None
         self._limit = limit
-        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        # key: a peer id (membership frames, coalesced) or a sequence number (all others)
+        self._outbox: OrderedDict[str | int, bytes] = OrderedDict()
+        self._frames = 0  # frames in the outbox keyed by sequence number
+        self._seq = 0
+        self._ready = asyncio.Event()
         self._closing = False
         self._close_code: int = WSCloseCode.OK
         self._close_message = b""
@@ -131,21 +168,33 @@ class _Connection:
     def send(self, frame: bytes) -> None:
         if self._closing:
             return
-        if self._outbox.qsize() >= self._limit:
-            log.warning("session %d (%s): too slow, closing", self.session, self.peer_id)
-            self.close_soon(WSCloseCode.TRY_AGAIN_LATER, b"too slow")
+        if self._frames >= self._limit:
+            self._too_slow()
             return
-        self._outbox.put_nowait(frame)
+        self._seq += 1
+        self._outbox[self._seq] = frame
+        self._frames += 1
+        self._ready.set()
+
+    def send_membership(self, peer_id: str, frame: bytes) -> None:
+        """Queue a ``joined`` / ``left`` about ``peer_id``, replacing one not yet sent."""
+        if self._closing:
+            return
+        if peer_id not in self._outbox and len(self._outbox) - self._frames >= 2 * MAX_MEMBERS:
+            self._too_slow()  # more distinct peers than a job holds: this socket is stuck
+            return
+        self._outbox[peer_id] = frame
+        self._ready.set()
+
+    def _too_slow(self) -> None:
+        log.warning("session %d (%s): too slow, closing", self.session, self.peer_id)
+        self.close_soon(WSCloseCode.TRY_AGAIN_LATER, b"too slow")
 
     def take_signal_token(self, now: float, rate: float, burst: float) -> bool:
         """Token bucket for relayed signals (``rate`` per second, ``burst`` at once)."""
-        if rate <= 0:
-            return True
-        tokens = burst if self._signal_tokens is None else self._signal_tokens
-        tokens = min(burst, tokens + (now - self._signal_last) * rate)
-        self._signal_last = now
-        self._signal_tokens = tokens - 1.0 if tokens >= 1.0 else tokens
-        return tokens >= 1.0
+        if self._signals is None:
+            self._signals = TokenBucket(rate, burst)
+        return self._signals.take(now)
 
     def close_soon(self, code: int = WSCloseCode.OK, message: bytes = b"") -> None:
         """Send what is queued, then close the socket."""
@@ -153,7 +202,7 @@ class _Connection:
             return
         self._closing = True
         self._close_code, self._close_message = code, message
-        self._outbox.put_nowait(None)
+        self._ready.set()
 
     async def finish(self, timeout: float) -> None:
         """Close (after the queued frames) and wait for the writer; cancel it after ``timeout``."""
@@ -166,8 +215,16 @@ class _Connection:
 
     async def _write_loop(self) -> None:
         try:
-            while (frame := await self._outbox.get()) is not None:
-                await self.ws.send_bytes(frame)
+            while True:
+                while self._outbox:
+                    key, frame = self._outbox.popitem(last=False)
+                    if isinstance(key, int):
+                        self._frames -= 1
+                    await self.ws.send_bytes(frame)
+                if self._closing:
+                    break
+                self._ready.clear()
+                await self._ready.wait()
         except (ConnectionError, RuntimeError) as exc:
             log.debug("session %d: send failed (%s)", self.session, exc)
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -191,6 +248,10 @@ class RendezvousServer:
         self._next_session = 0
         self._closed = False
         self._version = _package_version()
+        self._failed_joins = KeyedRateLimiter(
+            self.config.failed_join_rate, self.config.failed_join_burst
+        )
+        """Refused joins per source IP: an IP that keeps failing is refused before any check."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -269,14 +330,15 @@ class RendezvousServer:
         for event in events:
             if event.kind == "joined":
                 assert event.member is not None
-                frame = encode(MsgType.JOINED, member=event.member.to_wire())
+                frame = encode_prepacked(MsgType.JOINED, {"member": event.member.packed})
             else:
                 frame = encode(MsgType.LEFT, peer_id=event.peer_id, reason=event.reason)
             log.info("job %s: %s %s %s", event.job, event.peer_id, event.kind, event.reason or "")
+            sessions = self._sessions
             for member in self.registry.members(event.job, exclude=event.peer_id):
-                conn = self._sessions.get(member.peer_id)
+                conn = sessions.get(member.peer_id)
                 if conn is not None:
-                    conn.send(frame)
+                    conn.send_membership(event.peer_id, frame)
 
     async def _reap_loop(self) -> None:
         interval = max(self.config.ttl / 4, 0.05)
@@ -299,7 +361,9 @@ class RendezvousServer:
 
     async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(
-            max_msg_size=self.config.max_message_bytes,
+            # Up to twice our limit aiohttp hands the frame over and decode() answers
+            # ``too_large`` with a message; beyond, aiohttp closes with 1009 (message too big).
+            max_msg_size=2 * self.config.max_message_bytes,
             compress=False,
             timeout=self.config.close_timeout,
         )
@@ -358,6 +422,12 @@ class RendezvousServer:
             return
         if data is None:
             return
+        if self._failed_joins.exhausted(conn.remote, time.monotonic()):
+            log.info("session %d (%s): refused: too many refused joins", conn.session, conn.remote)
+            self._refuse(conn, ProtocolError(
+                ErrorCode.RATE_LIMITED, f"too many refused joins from {conn.remote}; try later"
+            ))
+            return
         try:
             msg_type, fields = decode(data, max_bytes=self.config.max_message_bytes)
             if msg_type is not MsgType.JOIN:
@@ -365,6 +435,7 @@ class RendezvousServer:
             await self._admit(conn, fields, nonce)
         except ProtocolError as exc:
             log.info("session %d (%s): refused: %s", conn.session, conn.remote, exc)
+            self._failed_joins.allow(conn.remote, time.monotonic())
             self._refuse(conn, exc)
             return
         await self._session_loop(conn)
@@ -379,9 +450,11 @@ class RendezvousServer:
             public_key, fields["signature"], DOMAIN_RENDEZVOUS_AUTH + nonce + job.encode()
         ):
             raise ProtocolError(ErrorCode.BAD_SIGNATURE, "join signature does not verify")
+        proof = check_proof(fields.get("proof"))
+        self._check_policy(job, public_key, proof)
         addrs = list(dict.fromkeys(check_addrs(fields["addrs"])))
         meta = check_meta(fields["meta"])
-        reachable = await self._verify_addrs(addrs, public_key)
+        reachable = await self._verify_addrs(addrs, public_key, conn.remote)
         if conn.closing or conn.ws.closed or self._closed:
             return  # gone while we were dialing back; nothing to register
         member, events = self.registry.join(
@@ -391,6 +464,7 @@ class RendezvousServer:
             meta=meta,
             session=conn.session,
             now=time.monotonic(),
+            proof=proof,
         )
         conn.peer_id = member.peer_id
         old = self._sessions.get(member.peer_id)
@@ -404,10 +478,61 @@ class RendezvousServer:
         conn.send(self._welcome(member, conn))
         self._publish(events)
 
-    async def _verify_addrs(self, addrs: list[str], public_key: bytes) -> list[str]:
+    def _check_policy(self, job: str, public_key: bytes, proof: bytes | None) -> None:
+        """Raise ``not_invited`` unless the job's policy admits this (authenticated) key."""
+        policy = self.config.policy_for(job)
+        if policy is None:
+            if self.config.closed:
+                raise ProtocolError(
+                    ErrorCode.NOT_INVITED, f"job {job} is not served by this rendezvous"
+                )
+            return
+        refusal = policy.check(job, public_key, proof)
+        if refusal is not None:
+            peer_id = peer_id_from_public_key(public_key)
+            raise ProtocolError(ErrorCode.NOT_INVITED, refusal_message(refusal, job, peer_id))
+
+    async def _verify_addrs(self, addrs: list[str], public_key: bytes, remote: str) -> list[str]:
+        """The offered addresses that answered a dial-back with a valid signature. Only
+        addresses on ``remote`` (the IP the WebSocket came from) are dialed, unless
+        ``dialback_any_host``: the rendezvous is not a port scanner for hire."""
         timeout = self.config.dialback_timeout
-        results = await asyncio.gather(*(dial_back(a, public_key, timeout) for a in addrs))
-        return [addr for addr, ok in zip(addrs, results, strict=True) if ok]
+        targets = await asyncio.gather(*(self._dialback_target(a, remote) for a in addrs))
+        results = await asyncio.gather(*(
+            dial_back(t, public_key, timeout) for t in targets if t is not None
+        ))
+        dialed = iter(results)
+        return [a for a, t in zip(addrs, targets, strict=True) if t is not None and next(dialed)]
+
+    async def _dialback_target(self, addr: str, remote: str) -> str | None:
+        """What to dial to check ``addr`` (it, or its host name resolved to ``remote``), or
+        None when ``addr`` is not on the peer's own IP."""
+        if self.config.dialback_any_host:
+            return addr
+        host, _, port = addr.removeprefix("tcp://").rpartition(":")
+        observed = _as_ip(remote)
+        if observed is None:
+            log.info("not dialing back %s: no IP for the peer's connection (%r)", addr, remote)
+            return None
+        offered = _as_ip(host)
+        if offered is not None:
+            if offered == observed:
+                return addr
+            log.info("not dialing back %s: not on %s, where the peer connects from", addr, remote)
+            return None
+        try:
+            async with asyncio.timeout(self.config.dialback_timeout):
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, int(port), type=socket.SOCK_STREAM
+                )
+        except (OSError, TimeoutError, UnicodeError) as exc:
+            log.info("not dialing back %s: cannot resolve %s (%s)", addr, host, exc)
+            return None
+        if any(_as_ip(str(info[4][0])) == observed for info in infos):
+            return f"tcp://{_url_host(str(observed))}:{port}"
+        log.info("not dialing back %s: %s does not resolve to %s, where the peer connects "
+                 "from", addr, host, remote)
+        return None
 
     def ice_servers_for(self, peer_id: str, host: str) -> list[dict[str, Any]]:
         """Our STUN (at ``host``, as the peer reaches us), TURN with fresh credentials, extras."""
@@ -423,12 +548,12 @@ class RendezvousServer:
 
     def _welcome(self, member: Member, conn: _Connection) -> bytes:
         others = self.registry.members(member.job, exclude=member.peer_id)
-        return encode(
+        return encode_prepacked(
             MsgType.WELCOME,
+            {"members": pack_array([m.packed for m in others])},
             peer_id=member.peer_id,
             observed_ip=conn.remote,
             reachable_addrs=list(member.addrs),
-            members=[m.to_wire() for m in others],
             ttl=self.config.ttl,
             heartbeat_interval=self.config.heartbeat_interval,
             ice_servers=self.ice_servers_for(member.peer_id, conn.host),
@@ -436,15 +561,18 @@ class RendezvousServer:
 
     async def _session_loop(self, conn: _Connection) -> None:
         errors = 0
+        messages = TokenBucket(self.config.message_rate, self.config.message_burst)
         while not conn.closing:
             data = await self._receive(conn.ws)
             if data is None:
                 return
             try:
+                if not messages.take(time.monotonic()):
+                    raise _Flooding(self.config.message_rate)
                 if self._handle_message(conn, data):
                     return
             except ProtocolError as exc:
-                if exc.code not in _BENIGN_ERRORS:
+                if exc.code not in _BENIGN_ERRORS or isinstance(exc, _Flooding):
                     errors += 1
                 log.info("session %d (%s): %s", conn.session, conn.peer_id, exc)
                 conn.send(_error_frame(exc))
@@ -534,15 +662,18 @@ class RendezvousServer:
                 {"error": f"query parameter job must match {JOB_RE.pattern}"}, status=400
             )
         now = time.monotonic()
-        peers = [self._peer_json(m, now) for m in self.registry.members(job)]
+        expose = self.config.expose_addresses
+        peers = [self._peer_json(m, now, expose) for m in self.registry.members(job)]
         return web.json_response({"job": job, "peers": peers})
 
     @staticmethod
-    def _peer_json(member: Member, now: float) -> dict[str, Any]:
+    def _peer_json(member: Member, now: float, expose_addresses: bool) -> dict[str, Any]:
+        """What ``GET /peers`` shows of a member: never its proof nor its observed IP, and its
+        addresses only with ``expose_addresses``."""
         latest = member.latest_report
         return {
             "peer_id": member.peer_id,
-            "addrs": list(member.addrs),
+            **({"addrs": list(member.addrs)} if expose_addresses else {}),
             "reachable": bool(member.addrs),
             "meta": member.meta,
             "joined_at": member.joined_at,
@@ -563,7 +694,8 @@ class RendezvousServer:
                 cells = (
                     job,
                     m.peer_id,
-                    ", ".join(m.addrs) or "(not reachable)",
+                    (", ".join(m.addrs) if self.config.expose_addresses else "reachable")
+                    if m.addrs else "(not reachable)",
                     "yes" if m.connected else "no",
                     f"{now - m.last_seen:.1f}s ago",
                     "" if latest is None else f"epoch {latest['epoch']}: {latest['metrics']}",
@@ -575,7 +707,7 @@ class RendezvousServer:
             "<!doctype html><meta charset=utf-8><title>peerlearn rendezvous</title>"
             "<meta http-equiv=refresh content=5><h1>peerlearn rendezvous</h1>"
             f"<p>{len(self.registry.jobs())} jobs, {len(self.registry)} peers</p>"
-            "<table border=1 cellpadding=4><tr><th>job</th><th>peer</th><th>addresses</th>"
+            "<table border=1 cellpadding=4><tr><th>job</th><th>peer</th><th>ZeroMQ</th>"
             "<th>connected</th><th>last seen</th><th>latest report</th></tr>"
             + "".join(rows)
             + "</table>"
@@ -612,6 +744,14 @@ async def _serve_until_signal(config: RendezvousConfig) -> None:
         if config.turn_urls:
             log.info("TURN credentials for %s (ttl %gs)", ", ".join(config.turn_urls),
                      config.turn_ttl)
+        for job, policy in config.jobs.items():  # what is checked, never the secret itself
+            log.info("job %s is closed: %s", job, ", ".join(filter(None, (
+                "join secret" if policy.secret is not None else "",
+                "" if policy.allowed_peers is None else f"{len(policy.allowed_peers)} peer ids",
+            ))) or "open")
+        if config.closed:
+            log.info("closed rendezvous: jobs other than %s are refused",
+                     ", ".join(config.jobs) or "(none)")
         await stop.wait()
         log.info("rendezvous shutting down")
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from struct import pack, unpack
 from typing import Any, cast
 
+from rendezvous.ratelimit import KeyedRateLimiter
+
 log = logging.getLogger(__name__)
 
 COOKIE = 0x2112A442
@@ -265,25 +267,6 @@ def _client_address(addr: tuple[Any, ...]) -> tuple[str, int]:
     return str(ip), int(addr[1])
 
 
-class _RateLimiter:
-    """A token bucket per source IP (bounded table: the oldest source is forgotten first)."""
-
-    def __init__(self, rate: float, burst: float, max_sources: int = 4096) -> None:
-        self.rate, self.burst, self.max_sources = rate, burst, max_sources
-        self._buckets: collections.OrderedDict[str, tuple[float, float]] = (
-            collections.OrderedDict()
-        )
-
-    def allow(self, source: str, now: float) -> bool:
-        tokens, last = self._buckets.pop(source, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        allowed = tokens >= 1.0
-        self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)
-        while len(self._buckets) > self.max_sources:
-            self._buckets.popitem(last=False)
-        return allowed
-
-
 class StunServer(asyncio.DatagramProtocol):
     """Answers STUN Binding requests on one UDP socket. ``start()`` binds, ``close()`` unbinds.
 
@@ -305,7 +288,7 @@ class StunServer(asyncio.DatagramProtocol):
         self.requested_port = port
         self.software = software
         self.counters: collections.Counter[str] = collections.Counter()
-        self._limiter = _RateLimiter(rate_limit, burst) if rate_limit > 0 else None
+        self._limiter = KeyedRateLimiter(rate_limit, burst) if rate_limit > 0 else None
         self._transport: asyncio.DatagramTransport | None = None
         self._port: int | None = None
 

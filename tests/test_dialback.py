@@ -1,4 +1,7 @@
-"""Dial-back over real ZeroMQ sockets on loopback: a minimal ROUTER responder plays the peer."""
+"""Dial-back over real ZeroMQ sockets on loopback: a minimal ROUTER responder plays the peer.
+
+The probe travels over CURVE with the server key derived from the joining peer's identity, so
+the responder must hold that identity's CURVE secret to be heard at all."""
 
 from __future__ import annotations
 
@@ -21,11 +24,15 @@ Answer = Callable[[dict[str, Any]], bytes | None]
 
 
 @contextlib.asynccontextmanager
-async def probe_responder(answer: Answer) -> AsyncIterator[str]:
-    """A ROUTER on a random loopback port that answers each probe with ``answer(header)``."""
+async def probe_responder(answer: Answer, curve: Identity | None) -> AsyncIterator[str]:
+    """A ROUTER on a random loopback port that answers each probe with ``answer(header)``;
+    a CURVE server with ``curve``'s key (None: plain, no encryption)."""
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve.curve_secret_key)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
 
     async def serve() -> None:
@@ -54,14 +61,41 @@ def free_port() -> int:
 
 async def test_reachable_when_the_right_key_answers() -> None:
     peer = Identity.generate()
-    async with probe_responder(lambda h: answer_probe(peer, h)) as addr:
+    async with probe_responder(lambda h: answer_probe(peer, h), peer) as addr:
         assert await dial_back(addr, peer.public_key, timeout=2.0)
 
 
 async def test_another_key_is_refused() -> None:
+    """An impostor with its own CURVE key: the handshake never completes."""
     peer, impostor = Identity.generate(), Identity.generate()
-    async with probe_responder(lambda h: answer_probe(impostor, h)) as addr:
+    answered = []
+
+    def answer(header: dict[str, Any]) -> bytes | None:
+        answered.append(header)
+        return answer_probe(impostor, header)
+
+    async with probe_responder(answer, impostor) as addr:
+        assert not await dial_back(addr, peer.public_key, timeout=1.0)
+    assert answered == []  # it never even saw the probe
+
+
+async def test_plain_listener_is_refused() -> None:
+    """A listener without CURVE: no handshake, even if it could sign (it cannot here)."""
+    peer = Identity.generate()
+    async with probe_responder(lambda h: answer_probe(peer, h), None) as addr:
+        assert not await dial_back(addr, peer.public_key, timeout=1.0)
+
+
+async def test_another_signature_behind_the_right_curve_key_is_refused() -> None:
+    """Defence in depth: the signed answer is still checked after the handshake."""
+    peer, impostor = Identity.generate(), Identity.generate()
+    async with probe_responder(lambda h: answer_probe(impostor, h), peer) as addr:
         assert not await dial_back(addr, peer.public_key, timeout=2.0)
+
+
+async def test_unusable_key_is_refused_without_dialing() -> None:
+    assert not await dial_back("tcp://127.0.0.1:1", bytes(31), timeout=1.0)
+    assert not await dial_back("tcp://127.0.0.1:1", b"\xff" * 32, timeout=1.0)  # y >= p
 
 
 async def test_replayed_signature_is_refused() -> None:
@@ -70,7 +104,7 @@ async def test_replayed_signature_is_refused() -> None:
     def stale(header: dict[str, Any]) -> bytes | None:
         return answer_probe(peer, {**header, "nonce": bytes(32)})
 
-    async with probe_responder(stale) as addr:
+    async with probe_responder(stale, peer) as addr:
         assert not await dial_back(addr, peer.public_key, timeout=2.0)
 
 
@@ -80,7 +114,7 @@ async def test_replayed_signature_is_refused() -> None:
 )
 async def test_garbage_reply_is_refused(reply: bytes) -> None:
     peer = Identity.generate()
-    async with probe_responder(lambda h: reply) as addr:
+    async with probe_responder(lambda h: reply, peer) as addr:
         assert not await dial_back(addr, peer.public_key, timeout=1.0)
 
 
@@ -93,7 +127,7 @@ async def test_nobody_listening_times_out() -> None:
 
 async def test_silent_responder_times_out() -> None:
     peer = Identity.generate()
-    async with probe_responder(lambda h: None) as addr:
+    async with probe_responder(lambda h: None, peer) as addr:
         started = time.monotonic()
         assert not await dial_back(addr, peer.public_key, timeout=0.5)
         assert 0.4 < time.monotonic() - started < 2.0

@@ -92,10 +92,12 @@ async def get_json(server: RendezvousServer, path: str) -> tuple[int, Any]:
 
 @contextlib.asynccontextmanager
 async def probe_responder(identity: Identity) -> AsyncIterator[str]:
-    """The peer's ROUTER, reduced to answering dial-back probes."""
+    """The peer's ROUTER (a CURVE server with the peer's key), reduced to answering probes."""
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, identity.curve_secret_key)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
 
     async def serve() -> None:
@@ -246,7 +248,8 @@ PRE_JOIN_GARBAGE: list[tuple[str, Any, str | None]] = [
     ("wrong types", msgpack.packb({"type": "join", "public_key": "x", "signature": b"",
                                    "job": "j", "addrs": [], "meta": {}}), "malformed"),
     ("heartbeat first", encode(MsgType.HEARTBEAT), "bad_state"),
-    ("oversized", b"\x00" * (MAX_MESSAGE_BYTES + 1), None),  # aiohttp closes with 1009
+    ("oversized", b"\x00" * (MAX_MESSAGE_BYTES + 1), "too_large"),
+    ("twice oversized", b"\x00" * (2 * MAX_MESSAGE_BYTES + 1), None),  # aiohttp closes, 1009
 ]
 
 
@@ -326,7 +329,8 @@ async def test_http_healthz_peers_and_dashboard() -> None:
                 await asyncio.sleep(0.02)
             (peer,) = body["peers"]
             assert peer["peer_id"] == a.peer_id and peer["meta"] == {"gpu": False}
-            assert peer["reachable"] is False and peer["addrs"] == [] and peer["connected"]
+            assert peer["reachable"] is False and peer["connected"]
+            assert "addrs" not in peer  # redacted unless expose_addresses
             assert peer["metrics"] == {"acc": 0.75, "loss": 0.5}
             assert [h["epoch"] for h in peer["history"]] == [1, 2]
             assert 0 <= peer["last_seen_s_ago"] < 2
@@ -344,7 +348,7 @@ async def test_http_healthz_peers_and_dashboard() -> None:
 async def test_only_addresses_that_answer_with_the_right_key_are_kept() -> None:
     me, someone_else = Identity.generate(), Identity.generate()
     async with (
-        run_rendezvous(**FAST) as server,
+        run_rendezvous(**FAST, expose_addresses=True) as server,
         probe_responder(me) as mine,
         probe_responder(someone_else) as theirs,
         client(server) as watcher,

@@ -47,13 +47,16 @@ class Acker:
     def __init__(self, verify: dict[str, bytes] | None = None) -> None:
         self.calls = 0
         self.headers: list[dict[str, Any]] = []
+        self.origins: list[str | None] = []
         self.release: asyncio.Event | None = None  # set: the handler waits for it
         self.entered = asyncio.Event()
         self._verify = verify
 
-    async def __call__(self, header: dict[str, Any], payloads: list[memoryview]) -> Frames:
+    async def __call__(self, header: dict[str, Any], payloads: list[memoryview],
+                       origin: str | None) -> Frames:
         self.calls += 1
         self.headers.append(header)
+        self.origins.append(origin)
         self.entered.set()
         if self.release is not None:
             await self.release.wait()
@@ -190,6 +193,7 @@ async def test_model_round_trip_and_throughput() -> None:
             assert header["nbytes"] == nbytes - len(frames[0]) and payloads == []
             bare.append(await bare_round_trip(secrets.token_bytes(nbytes)))
         assert acker.calls == 2
+        assert acker.origins == [a.peer_id, a.peer_id]  # the handler is told who sent it
         mbs_ours, mbs_bare = nbytes / min(ours) / 1e6, nbytes / min(bare) / 1e6
         print(f"\n4.8 MB transfer: ours {mbs_ours:.1f} MB/s, bare aiortc {mbs_bare:.1f} MB/s "
               f"({mbs_ours / mbs_bare:.2f}x)")
@@ -364,3 +368,18 @@ async def test_close_is_idempotent() -> None:
         with pytest.raises(TransportError):
             await a.connect(b.peer_id)
         assert not a._tasks and not a._closers
+
+
+async def test_a_transfer_cut_by_the_links_end_counts_as_incomplete() -> None:
+    """A peer SIGKILLed mid-transfer: what arrived so far is dropped, counted, never handed up."""
+    async with webrtc_pair(Acker(), Acker()) as (a, b):
+        hb = Acker()
+        b._handler = hb
+        link = await a.connect(b.peer_id)
+        frames = encode_model(model(a.identity, 200_000, "x"), a.identity)
+        for c in list(iter_chunks(link._alloc_tid(), frames))[:3]:
+            link.channel.send(c)
+        await eventually(lambda: link_b(b, a)._incoming)
+        await link_b(b, a).aclose("the remote vanished")
+        assert b.stats.rejected == {"incomplete": 1}
+        assert hb.calls == 0 and b.stats.messages_in == 0

@@ -1,4 +1,6 @@
-"""ZmqTransport over real sockets on loopback: addressing, timeouts, refusals, dial-back, close."""
+"""ZmqTransport over real sockets on loopback: addressing, timeouts, refusals, dial-back, close.
+
+(CURVE itself, origins and strangers: tests/test_curve.py.)"""
 
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ class Recorder:
         self.calls = 0
         self._known = known or {SENDER.peer_id: SENDER.public_key}.get
 
-    async def __call__(self, header: dict[str, Any], payloads: list[memoryview]) -> Frames:
+    async def __call__(self, header: dict[str, Any], payloads: list[memoryview],
+                       origin: str | None) -> Frames:
         self.calls += 1
         msg = decode_model(header, payloads, self._known)  # WireError -> the transport nacks
         arrays = {a.name: a.array for a in msg.arrays}
@@ -74,7 +77,8 @@ class Recorder:
         return [encode_control(FrameType.ACK, request_id=msg.request_id, digest=msg.digest)]
 
 
-async def no_handler(header: dict[str, Any], payloads: list[memoryview]) -> Frames:
+async def no_handler(header: dict[str, Any], payloads: list[memoryview],
+                     origin: str | None) -> Frames:
     raise AssertionError("a sender-only transport got a request")
 
 
@@ -88,6 +92,17 @@ async def transport(handler: Handler = no_handler, listen: str | None = LOOPBACK
         yield t
     finally:
         await t.close()
+
+
+def curve_dealer(ctx: zmq.asyncio.Context, server: Identity) -> zmq.asyncio.Socket:
+    """A bare DEALER that completes the CURVE handshake with ``server`` (throw-away key)."""
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    public, secret = zmq.curve_keypair()
+    dealer.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    dealer.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    dealer.setsockopt(zmq.CURVE_SERVERKEY, server.curve_public_key)
+    return dealer
 
 
 @contextlib.asynccontextmanager
@@ -121,11 +136,12 @@ async def test_each_model_reaches_the_peer_it_is_addressed_to(order: str,
     rec_b, rec_c = Recorder(), Recorder()
     async with transport(rec_b) as b, transport(rec_c) as c, transport(listen=None) as a:
         address = {"B": b.address, "C": c.address}
+        key = {"B": b.identity.public_key, "C": c.identity.public_key}
 
         async def send(seq: int, to: str) -> None:
             frames, request_id, msg = addressed_model(to, seq)
             assert address[to] is not None
-            header, _ = await a.request(address[to], frames, request_id, timeout=5.0)
+            header, _ = await a.request(address[to], key[to], frames, request_id, timeout=5.0)
             assert header["type"] == FrameType.ACK.value
             assert header["request_id"] == request_id
             assert header["digest"] == msg.digest
@@ -143,11 +159,14 @@ async def test_each_model_reaches_the_peer_it_is_addressed_to(order: str,
 
 
 async def test_the_prototype_single_dealer_misdelivers() -> None:
-    """The prototype's pattern (one DEALER connected to every peer) fails the check above."""
+    """The prototype's pattern (one DEALER connected to every peer) fails the check above.
+
+    (One DEALER has one CURVE server key, so here B and C share an identity.)"""
     rec_b, rec_c = Recorder(), Recorder()
-    async with transport(rec_b) as b, transport(rec_c) as c, raw_context() as ctx:
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
+    shared = Identity.generate()
+    async with transport(rec_b, identity=shared) as b, \
+            transport(rec_c, identity=shared) as c, raw_context() as ctx:
+        dealer = curve_dealer(ctx, shared)
         assert b.address is not None and c.address is not None
         dealer.connect(b.address)
         dealer.connect(c.address)
@@ -169,19 +188,21 @@ async def test_the_prototype_single_dealer_misdelivers() -> None:
 
 async def test_nobody_listening_times_out_drops_the_link_and_recovers() -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
+    peer = Identity.generate()
     async with transport(listen=None) as a:
         frames, request_id, _ = addressed_model("B", 0)
         started = time.monotonic()
-        with pytest.raises(TransportError):
-            await a.request(address, frames, request_id, timeout=0.5)
+        with pytest.raises(TransportError, match="handshake"):
+            await a.request(address, peer.public_key, frames, request_id, timeout=0.5)
         assert time.monotonic() - started < 0.5 + 1.0
-        assert address not in a._links
+        assert not a._links
 
         rec = Recorder()
-        async with transport(rec, listen=address) as b:
+        async with transport(rec, listen=address, identity=peer) as b:
             assert b.address == address
             frames, request_id, _ = addressed_model("B", 1)
-            header, _ = await a.request(address, frames, request_id, timeout=5.0)
+            header, _ = await a.request(address, peer.public_key, frames, request_id,
+                                        timeout=5.0)
             assert header["type"] == FrameType.ACK.value
             assert rec.got == [(1, "B")]
 
@@ -192,7 +213,8 @@ async def test_nack_comes_back_as_a_header_and_is_counted() -> None:
         assert b.address is not None
         frames, request_id, _ = addressed_model("B", 0)
         started = time.monotonic()
-        header, payloads = await a.request(b.address, frames, request_id, timeout=5.0)
+        header, payloads = await a.request(b.address, b.identity.public_key, frames, request_id,
+                                           timeout=5.0)
         assert time.monotonic() - started < 2.0  # matched by request_id, not a timeout
         assert header["type"] == FrameType.NACK.value
         assert header["reason"] == "unknown_sender"
@@ -211,8 +233,7 @@ async def test_too_many_parts_is_rejected_and_serving_goes_on() -> None:
     async with transport(rec, limits=limits) as b, transport(listen=None) as a, \
             raw_context() as ctx:
         assert b.address is not None
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
+        dealer = curve_dealer(ctx, b.identity)
         dealer.connect(b.address)
         await dealer.send_multipart([b"x"] * (limits.max_arrays + 3))  # + routing id: too many
         await eventually(lambda: b.stats.rejected.get("too_many_parts") == 1)
@@ -220,7 +241,8 @@ async def test_too_many_parts_is_rejected_and_serving_goes_on() -> None:
         assert await dealer.poll(200) == 0  # dropped without a reply
 
         frames, request_id, _ = addressed_model("B", 7)
-        header, _ = await a.request(b.address, frames, request_id, timeout=5.0)
+        header, _ = await a.request(b.address, b.identity.public_key, frames, request_id,
+                                    timeout=5.0)
         assert header["type"] == FrameType.ACK.value
         assert rec.got == [(7, "B")]
         assert b.stats.rejected == {"too_many_parts": 1}
@@ -232,16 +254,16 @@ async def test_frame_over_maxmsgsize_drops_the_connection_and_serving_goes_on() 
     async with transport(rec, limits=limits) as b, transport(listen=None) as a, \
             raw_context() as ctx:
         assert b.address is not None
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        dealer = curve_dealer(ctx, b.identity)
+        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                            | zmq.EVENT_DISCONNECTED)
         dealer.connect(b.address)
 
         async def next_event() -> int:
             event = parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), 5.0))
             return int(event["event"])
 
-        assert await next_event() == zmq.EVENT_CONNECTED
+        assert await next_event() == zmq.EVENT_HANDSHAKE_SUCCEEDED
         await dealer.send(b"x" * 100_000)
         assert await next_event() == zmq.EVENT_DISCONNECTED
         dealer.disable_monitor()
@@ -249,7 +271,8 @@ async def test_frame_over_maxmsgsize_drops_the_connection_and_serving_goes_on() 
 
         frames, request_id, _ = addressed_model("B", 3)
         assert sum(len(f) for f in frames) < 1000
-        header, _ = await a.request(b.address, frames, request_id, timeout=5.0)
+        header, _ = await a.request(b.address, b.identity.public_key, frames, request_id,
+                                    timeout=5.0)
         assert header["type"] == FrameType.ACK.value
         assert rec.got == [(3, "B")]
 
@@ -270,15 +293,16 @@ async def test_dial_back_against_a_real_transport() -> None:
 async def test_close_is_idempotent_and_cancels_serving() -> None:
     t = ZmqTransport(Identity.generate(), LOOPBACK, Recorder())
     await t.start()
-    task = t._serve_task
+    task, zap = t._serve_task, t._zap_task
     assert task is not None and not task.done()
+    assert zap is not None and not zap.done()
     await t.close()
-    assert task.cancelled()
+    assert task.cancelled() and zap.cancelled()
     await t.close()
     assert t.address is not None
     with pytest.raises(TransportError):
         frames, request_id, _ = addressed_model("B", 0)
-        await t.request(t.address, frames, request_id, timeout=1.0)
+        await t.request(t.address, t.identity.public_key, frames, request_id, timeout=1.0)
 
     sender_only = ZmqTransport(Identity.generate(), None, Recorder())
     assert await sender_only.start() is None

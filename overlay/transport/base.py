@@ -8,8 +8,13 @@ from typing import Any
 
 Frames = Sequence[bytes | memoryview]
 """One message: the wire format's header frame, then its payload frames."""
-Handler = Callable[[dict[str, Any], list[memoryview]], Awaitable[Frames | None]]
-"""handler(header, payloads) -> reply frames, or None for no reply."""
+Handler = Callable[[dict[str, Any], list[memoryview], str | None], Awaitable[Frames | None]]
+"""handler(header, payloads, origin) -> reply frames, or None for no reply.
+
+``origin`` is the peer id the transport authenticated the sender as: for ZeroMQ the member
+whose CURVE key the connection's handshake proved, for WebRTC the link's peer (DTLS, with the
+fingerprint in signed signaling); None for a sender that is not a member we know.
+"""
 
 
 @dataclass

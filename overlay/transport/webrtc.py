@@ -2,8 +2,8 @@
 
 Same request/reply contract as :class:`overlay.transport.zeromq.ZmqTransport`: a message is
 the frames of the wire format (``[header, payload, ...]``), a reply is matched by the
-``request_id`` in its header, and incoming requests go to ``handler(header, payloads)`` whose
-reply frames travel back over the same channel.
+``request_id`` in its header, and incoming requests go to ``handler(header, payloads, origin)``
+(``origin``: the link's peer id) whose reply frames travel back over the same channel.
 
 Signaling is abstract: the owner passes ``send_signal(peer_id, kind, data)`` and feeds what
 arrives into :meth:`WebRtcTransport.on_signal`. Kinds:
@@ -71,7 +71,7 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from overlay.errors import TransportError, WireError
 from overlay.identity import Identity
 from overlay.transport.base import Frames, Handler, TransportStats
-from overlay.wire import FrameType, Limits, decode_header, encode_control
+from overlay.wire import FrameType, Limits, decode_header, encode_control, request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +344,7 @@ class WebRtcLink:
                 fut.exception()  # retrieved: nobody need be waiting for these any more
         for inc in self._incoming.values():
             self._forget_timer(inc)
+            self._transport.stats.reject("incomplete")  # the link ended mid-transfer
         self._incoming.clear()  # anything half-received is dropped, never handed up
         self._low.set()
         if self._runner is not None and self._runner is not asyncio.current_task():
@@ -555,6 +556,8 @@ class WebRtcLink:
     def _reject(self, inc: _Incoming | None, reason: str, message: str) -> None:
         """Count and log a refused chunk or transfer; free the transfer and tell the sender."""
         self._transport.stats.reject(reason)
+        if not message.startswith(f"{reason}: "):  # the log line names the counted reason
+            message = f"{reason}: {message}"
         log.warning("link %s: rejected %s: %s", self.peer_id,
                     f"transfer {inc.transfer_id}" if inc else "a chunk", message)
         if inc is None:
@@ -717,10 +720,12 @@ class WebRtcLink:
             try:
                 header = decode_header(frames[0], self._transport.limits)
                 request_id = header.get("request_id")
-                reply = await self._transport._handler(header, frames[1:])
+                reply = await self._transport._handler(header, frames[1:], self.peer_id)
             except WireError as exc:
                 self._transport.stats.reject(exc.reason)
                 log.warning("link %s: rejected a message: %s", self.peer_id, exc)
+                if request_id is None:  # refused before it was decoded: recover it if we can
+                    request_id = request_id_of(frames[0], self._transport.limits)
                 ids = {"request_id": request_id} if isinstance(request_id, str) else {}
                 reply = [encode_control(FrameType.NACK, reason=exc.reason,
                                         message=str(exc)[:200], **ids)]
