@@ -136,18 +136,19 @@ def nat_ruleset(nat: NatType, host_ip: str, public_ip: str) -> str:
 
 
 def loss_ruleset(percent: int) -> str:
-    """Drop ``percent`` % of packets crossing ``wan``, each direction on its own."""
+    """Drop ``percent`` % of packets crossing ``wan``, each direction on its own; the rules
+    count what they drop (:meth:`NatLab.loss_dropped`)."""
     script = "add table ip natlab_loss\ndelete table ip natlab_loss\n"
     if percent > 0:
         match = "" if percent >= 100 else f"numgen random mod 100 < {percent} "  # max is 99
         script += f"""table ip natlab_loss {{
     chain rx {{
         type filter hook prerouting priority raw; policy accept;
-        iifname "wan" {match}drop
+        iifname "wan" {match}counter drop
     }}
     chain tx {{
         type filter hook postrouting priority 300; policy accept;
-        oifname "wan" {match}drop
+        oifname "wan" {match}counter drop
     }}
 }}
 """
@@ -624,6 +625,27 @@ class NatLab:
         self._check_open()
         _run(["ip", "netns", "exec", home.router.netns, "nft", "-f", "-"],
              input=loss_ruleset(percent))
+
+    def loss_dropped(self, home: Home) -> dict[str, int]:
+        """Packets the loss rule of ``home`` dropped so far: ``{"in": n, "out": m}`` (zeros
+        when there is no loss rule)."""
+        self._check_open()
+        out = _run(["ip", "netns", "exec", home.router.netns, "nft", "-j", "list", "table",
+                    "ip", "natlab_loss"], check=False)
+        dropped = {"in": 0, "out": 0}
+        try:
+            items = json.loads(out)["nftables"] if out.strip() else []
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NatLabError(f"cannot read the loss counters of {home.name}: {exc}") from exc
+        for item in items:
+            rule = item.get("rule")
+            if not rule:
+                continue
+            for expr in rule.get("expr", []):
+                if "counter" in expr:
+                    dropped["in" if rule["chain"] == "rx" else "out"] += int(
+                        expr["counter"]["packets"])
+        return dropped
 
     # -- processes
 

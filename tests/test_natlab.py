@@ -210,3 +210,26 @@ def test_available_gives_a_reason_without_root(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(natlab.os, "geteuid", lambda: 1000)
     reason = natlab.available.__wrapped__(coturn=False)
     assert reason is not None and "root" in reason
+
+
+def test_partial_loss_drops_some_packets_each_way_and_counts_them(world: World) -> None:
+    home = _home(world, NatType.PORT_RESTRICTED)
+    inner = world.lab.udp_agent(home.host)
+    assert world.lab.loss_dropped(home) == {"in": 0, "out": 0}
+    world.lab.loss(home, 50)
+    try:
+        for _ in range(200):
+            inner.send(world.r1.ip, 7000)
+        replies = 0
+        while inner.recv(QUIET) is not None:
+            replies += 1
+        dropped = world.lab.loss_dropped(home)
+    finally:
+        world.lab.loss(home, 0)
+    # 200 requests, half lost on the way out, half of the replies on the way back: about 50
+    # come back (binomial, sd 6); the counters saw both directions
+    assert 10 < replies < 110, replies
+    assert dropped["out"] + replies + dropped["in"] == 200, (dropped, replies)
+    assert dropped["in"] > 0 and dropped["out"] > 0
+    assert world.lab.loss_dropped(home) == {"in": 0, "out": 0}  # rule removed
+    assert inner.ask(world.r1.ip, 7000) is not None
