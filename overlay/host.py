@@ -415,16 +415,30 @@ class Host:
         log.debug("delivered to %s in %.2f s", peer_id, time.monotonic() - started)
 
     async def fetch_model(self, peer_id: str) -> ModelMessage:
-        """Ask ``peer_id`` for its current model (newcomer bootstrap)."""
-        request_id = secrets.token_hex(8)
-        request = encode_control(FrameType.GET_MODEL, request_id=request_id,
-                                 job=self.config.job, sender=self.peer_id)
-        try:
-            header, payloads = await self._exchange(peer_id, [request], request_id,
-                                                    self.config.fetch_timeout)
-        except TransportError as exc:
-            self._link_lost(peer_id, exc)
-            raise
+        """Ask ``peer_id`` for its current model (newcomer bootstrap).
+
+        A donor that has not yet been told we joined refuses us as ``unknown_sender`` (its
+        ``joined`` event may still be on the way): asked again a moment later, within
+        ``fetch_timeout`` in all.
+        """
+        deadline = time.monotonic() + self.config.fetch_timeout
+        delay = 0.2
+        while True:
+            request_id = secrets.token_hex(8)
+            request = encode_control(FrameType.GET_MODEL, request_id=request_id,
+                                     job=self.config.job, sender=self.peer_id)
+            try:
+                header, payloads = await self._exchange(
+                    peer_id, [request], request_id, max(deadline - time.monotonic(), 0.1))
+            except TransportError as exc:
+                self._link_lost(peer_id, exc)
+                raise
+            if (header.get("reason") != "unknown_sender"
+                    or time.monotonic() + delay >= deadline):
+                break
+            log.info("%s does not know us yet; asking again in %.1f s", peer_id, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
         if header["type"] != FrameType.MODEL.value:
             raise TransportError(f"{peer_id} had no model: {header.get('reason')}")
         try:
