@@ -139,7 +139,8 @@ class PeerConfig:
     min_peers: int = 1
     """Wait until this many peers (ourselves included) are in the job before training."""
     min_peers_timeout: float = 600.0
-    """How long to wait for ``min_peers``; then train with whoever is there."""
+    """How long to wait for ``min_peers``; then train with whoever is there. A peer that
+    resumes from its checkpoint does not wait."""
     bootstrap_peers: int = 3
     """A newcomer averages the current models of up to this many members."""
     bootstrap_timeout: float = 20.0
@@ -393,9 +394,11 @@ class Peer:
         log.info("peer %d is %s; %d training samples (%s); %d members in job %r", cfg.num,
                  identity.peer_id, self.samples, how, len(host.members), cfg.job)
         try:
-            await self._wait_for_peers()
+            # a peer resuming its checkpoint was part of the swarm already: it does not wait
+            # for --min-peers again (the others may have finished meanwhile)
             resumed = await asyncio.to_thread(self._resume)
             if not resumed:
+                await self._wait_for_peers()
                 await self._bootstrap()
             await self._start_event(test_loader, resumed)
             history = []

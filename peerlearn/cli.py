@@ -175,6 +175,9 @@ def _add_peer(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument("--min-peers", type=int, default=1,
                    help="wait until this many peers (this one included) are in the job "
                    "before training (default 1: start at once)")
+    p.add_argument("--min-peers-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="train with whoever is there after waiting this long for --min-peers "
+                   "(default 600); a peer resuming from its checkpoint does not wait")
     p.add_argument("--bootstrap-peers", type=int, default=3,
                    help="a newcomer starts from the average of up to this many peers")
     p.add_argument("--bootstrap-timeout", type=float, default=20.0,
