@@ -282,6 +282,7 @@ class Peer:
 
     def __init__(self, config: PeerConfig) -> None:
         self.config = config
+        self.membership = config.membership()  # a bad secret/list file fails here, at once
         self.events = EventLog(config.events_file, config.num)
         self.device = pick_device(config.device)
         self.model = _make_model(config).to(self.device)
@@ -385,7 +386,7 @@ class Peer:
             identity,
             HostConfig(rendezvous=cfg.rendezvous, job=cfg.job, listen=_tcp(cfg.listen),
                        advertise=_tcp(cfg.advertise), limits=self.limits,
-                       membership=cfg.membership()),
+                       membership=self.membership),
             meta,
             validator=self.validate,
             on_member_event=self._member_event,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from overlay.membership import JOB_SECRET_ENV
 from rendezvous.options import TURN_SECRET_ENV
 from rendezvous.options import add_arguments as add_rendezvous_arguments
-from rendezvous.options import config_from_args as rendezvous_config_from_args
+from rendezvous.options import serve_from_args as serve_rendezvous_from_args
 
 if TYPE_CHECKING:
     from learner.robust import Robust
@@ -83,20 +83,8 @@ def _add_rendezvous(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _run_rendezvous(args: argparse.Namespace) -> int:
-    from rendezvous.server import serve
-
     _setup_logging(args.verbose, "rendezvous ")
-    try:
-        config = rendezvous_config_from_args(args)
-    except ValueError as exc:
-        log.error("rendezvous: %s", exc)
-        return 2
-    try:
-        serve(config)
-    except OSError as exc:  # a port already taken, an address not ours
-        log.error("rendezvous: cannot bind: %s", exc)
-        return 1
-    return 0
+    return serve_rendezvous_from_args(args)
 
 
 # ---- peer ------------------------------------------------------------------------------------

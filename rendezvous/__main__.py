@@ -9,10 +9,7 @@ import argparse
 import logging
 import sys
 
-from rendezvous.options import add_arguments, config_from_args
-from rendezvous.server import serve
-
-log = logging.getLogger("rendezvous")
+from rendezvous.options import add_arguments, serve_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,17 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        log.error("rendezvous: %s", exc)
-        return 2
-    try:
-        serve(config)
-    except OSError as exc:  # a port already taken, an address not ours
-        log.error("rendezvous: cannot bind: %s", exc)
-        return 1
-    return 0
+    return serve_from_args(args)
 
 
 if __name__ == "__main__":

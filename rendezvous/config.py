@@ -131,6 +131,8 @@ class RendezvousConfig:
             raise ValueError("dialback_timeout and join_timeout must be positive")
         if self.max_message_bytes <= 0 or self.max_errors <= 0 or self.history_len <= 0:
             raise ValueError("max_message_bytes, max_errors and history_len must be positive")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} is not a TCP port (0 picks a free one)")
         if self.stun_port == -1:
             self.stun_port = None
         if self.stun_port is not None and not 0 <= self.stun_port < 65536:

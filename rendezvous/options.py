@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections import defaultdict
 
 from overlay.membership import JobPolicy, policy_from_files, split_assignment
 from rendezvous.config import RendezvousConfig
+
+log = logging.getLogger(__name__)
 
 TURN_SECRET_ENV = "PEERLEARN_TURN_SECRET"
 
@@ -101,3 +104,21 @@ def config_from_args(args: argparse.Namespace) -> RendezvousConfig:
         jobs=job_policies(args), closed=args.closed, expose_addresses=args.expose_addresses,
         dialback_any_host=args.dialback_any_host, message_rate=args.message_rate,
     )
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """Serve with the parsed options until SIGINT/SIGTERM; the process' exit status (2: bad
+    options, 1: cannot bind). Errors are logged as one line each."""
+    from rendezvous.server import serve
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        log.error("rendezvous: %s", exc)
+        return 2
+    try:
+        serve(config)
+    except OSError as exc:  # a port already taken, an address not ours
+        log.error("rendezvous: cannot bind: %s", exc)
+        return 1
+    return 0

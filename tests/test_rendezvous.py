@@ -156,6 +156,12 @@ def test_config_rejects_heartbeat_above_ttl() -> None:
         RendezvousConfig(ttl=1.0, heartbeat_interval=2.0)
 
 
+@pytest.mark.parametrize("port", [-1, 65536, 99999])
+def test_config_rejects_a_port_out_of_range(port: int) -> None:
+    with pytest.raises(ValueError, match="not a TCP port"):
+        RendezvousConfig(port=port)
+
+
 def test_normalize_url() -> None:
     assert normalize_url("example.org:5555") == "ws://example.org:5555/ws"
     assert normalize_url("http://h:1") == "ws://h:1/ws"
