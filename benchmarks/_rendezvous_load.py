@@ -61,8 +61,15 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import msgpack  # noqa: E402
 
-from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity  # noqa: E402
-from overlay.protocol import MAX_MEMBERS, MAX_WELCOME_BYTES, MsgType, decode, encode  # noqa: E402
+from overlay.identity import Identity  # noqa: E402
+from overlay.protocol import (  # noqa: E402
+    MAX_MEMBERS,
+    MAX_WELCOME_BYTES,
+    MsgType,
+    decode,
+    encode,
+    signed_join,
+)
 
 log = logging.getLogger("rendezvous_load")
 
@@ -150,10 +157,8 @@ class _Generator:
                                                compress=0, autoping=True)
             msg = await ws.receive()
             _, challenge = decode(msg.data)
-            signed = DOMAIN_RENDEZVOUS_AUTH + challenge["nonce"] + JOB.encode()
-            await ws.send_bytes(encode(MsgType.JOIN, public_key=identity.public_key,
-                                       signature=identity.sign(signed), job=JOB, addrs=[],
-                                       meta={"load": self.index}))
+            await ws.send_bytes(signed_join(identity, challenge["nonce"], JOB,
+                                            meta={"load": self.index}))
             msg = await ws.receive()
             msg_type, welcome = decode(msg.data, max_bytes=MAX_WELCOME_BYTES,
                                        max_items=MAX_MEMBERS)
@@ -369,9 +374,7 @@ class _Newcomer:
             ws = await session.ws_connect(self.url, max_msg_size=MAX_WELCOME_BYTES, compress=0)
             msg = await ws.receive()
             _, challenge = decode(msg.data)
-            signed = DOMAIN_RENDEZVOUS_AUTH + challenge["nonce"] + JOB.encode()
-            frame = encode(MsgType.JOIN, public_key=identity.public_key,
-                           signature=identity.sign(signed), job=JOB, addrs=[], meta={})
+            frame = signed_join(identity, challenge["nonce"], JOB)
             self.join_sent[identity.peer_id] = time.monotonic()
             await ws.send_bytes(frame)
             msg = await ws.receive()

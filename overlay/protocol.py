@@ -44,6 +44,7 @@ from typing import Any
 import msgpack
 
 from overlay.errors import ProtocolError
+from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -213,6 +214,23 @@ def decode(
                 f"got {type(value).__name__}",
             )
     return msg_type, obj
+
+
+def signed_join(
+    identity: Identity, nonce: bytes, job: str, *, addrs: list[str] | None = None,
+    meta: dict[str, Any] | None = None, proof: bytes | None = None,
+) -> bytes:
+    """The ``join`` answering a ``challenge`` with ``nonce``: ``identity`` signs
+    ``DOMAIN_RENDEZVOUS_AUTH + nonce + job``; ``proof`` only for a closed job."""
+    return encode(
+        MsgType.JOIN,
+        public_key=identity.public_key,
+        signature=identity.sign(DOMAIN_RENDEZVOUS_AUTH + nonce + job.encode()),
+        job=job,
+        addrs=list(addrs or []),
+        meta=dict(meta or {}),
+        **({} if proof is None else {"proof": proof}),
+    )
 
 
 def check_job(job: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from overlay.errors import ProtocolError, RendezvousError, RendezvousRefused
-from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity, peer_id_from_public_key
+from overlay.identity import Identity, peer_id_from_public_key
 from overlay.membership import JobPolicy, refusal_message
 from overlay.protocol import (
     FATAL_ERRORS,
@@ -38,6 +38,7 @@ from overlay.protocol import (
     check_signal,
     decode,
     encode,
+    signed_join,
 )
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ Member = dict[str, Any]
 ClientEvent = tuple[Any, ...]  # ("joined", member) | ("left", peer_id, reason)
 Signal = tuple[str, str, Any]  # (from peer_id, kind, data: bytes | dict)
 SIGNAL_QUEUE_MAX = 1024
-MAX_REFUSED_LOGGED = 4096
 """Received signals kept for a slow reader; more are dropped (and logged)."""
+MAX_REFUSED_LOGGED = 4096
+"""Members refused by our job policy that we remember having logged (each is logged once)."""
 
 
 def normalize_url(url: str) -> str:
@@ -232,19 +234,11 @@ class RendezvousClient:
                     heartbeat=WS_PING_INTERVAL,  # notice a dead server without waiting on TCP
                 )
                 challenge = await self._expect(ws, MsgType.CHALLENGE)
-                signed = DOMAIN_RENDEZVOUS_AUTH + challenge["nonce"] + self.job.encode()
                 proof = None if self.membership is None else self.membership.proof(
                     self.job, self.identity.public_key
                 )
-                join = encode(
-                    MsgType.JOIN,
-                    public_key=self.identity.public_key,
-                    signature=self.identity.sign(signed),
-                    job=self.job,
-                    addrs=self.addrs,
-                    meta=self.meta,
-                    **({} if proof is None else {"proof": proof}),
-                )
+                join = signed_join(self.identity, challenge["nonce"], self.job,
+                                   addrs=self.addrs, meta=self.meta, proof=proof)
                 await ws.send_bytes(join)
                 welcome = await self._expect(ws, MsgType.WELCOME)
         except BaseException as exc:
@@ -274,7 +268,9 @@ class RendezvousClient:
         if msg.type is not aiohttp.WSMsgType.BINARY:
             raise RendezvousError(f"connection closed while waiting for {want.value}")
         try:
-            msg_type, fields = decode(msg.data, max_bytes=MAX_WELCOME_BYTES, max_items=MAX_MEMBERS)
+            msg_type, fields = (  # only the welcome may list a whole job
+                decode(msg.data, max_bytes=MAX_WELCOME_BYTES, max_items=MAX_MEMBERS)
+                if want is MsgType.WELCOME else decode(msg.data))
         except ProtocolError as exc:
             raise RendezvousError(f"bad message from the rendezvous: {exc}") from None
         if msg_type is MsgType.ERROR:

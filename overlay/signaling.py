@@ -24,9 +24,11 @@ whose ``reason`` says why (:class:`SignalReject`), anything that is:
 - older or newer than :data:`SIGNAL_WINDOW` seconds (``stale``), or already seen within it
   (``replayed``).
 
-The replay guard keeps the nonces of the last window in bounded memory
-(:data:`MAX_REMEMBERED`); when it is full, the oldest nonce is forgotten and everything as old
-as it or older is refused as ``stale`` from then on, so forgetting never lets a replay through.
+The replay guard keeps, per sender, the nonces of the last window in bounded memory
+(:data:`MAX_REMEMBERED` per sender); when a sender's share is full, its oldest nonce is
+forgotten and everything from that sender as old as it or older is refused as ``stale`` from
+then on, so forgetting never lets a replay through. The state is per sender so that a member
+flooding us (say with signals dated at the far end of the window) only ever locks out itself.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ NONCE_SIZE = 16
 SIGNAL_WINDOW = 120.0
 """Seconds a sealed signal is valid either side of the receiver's clock (peers' clocks must
 agree to within this)."""
-MAX_REMEMBERED = 4096
-"""Nonces the replay guard keeps (about 34 signals per second over a whole window)."""
+MAX_REMEMBERED = 512
+"""Nonces the replay guard keeps per sender (a link set-up takes a handful of signals)."""
 MAX_BODY_ITEMS = 16
 MAX_JOB = 64
 _PAYLOAD_FIELDS: dict[str, tuple[type, ...]] = {
@@ -183,9 +185,11 @@ class SignalGuard:
         self._public_key_of = public_key_of
         """Our membership view: the key of a member, None for anybody else."""
         self._clock = clock
-        self._seen: set[tuple[str, bytes]] = set()
-        self._by_age: list[tuple[float, str, bytes]] = []  # heap of (ts, from, nonce)
-        self._floor = -math.inf  # signals this old or older are refused (forgotten nonces)
+        self._senders: dict[str, _Replay] = {}
+        self._opened = 0
+        self._dropped_floor = -math.inf
+        """The highest floor of the sender states dropped so far (always a window behind the
+        clock when dropped): a new state starts there, so dropping one never reopens a replay."""
 
     def open(self, relay_from: str, kind: str, data: Any) -> dict[str, Any]:
         """The body of ``data``, relayed as ``signal {from: relay_from, kind, data}``.
@@ -215,38 +219,56 @@ class SignalGuard:
             raise SignalError(SignalReject.KIND_MISMATCH,
                               f"sealed as {payload['kind']}, relayed as {kind[:20]}")
         now = self._clock()
-        self._forget_before(now - self.window)
         ts = payload["ts"]
         if abs(now - ts) > self.window:
             raise SignalError(SignalReject.STALE,
                               f"sealed {now - ts:+.1f} s from now (window {self.window:g} s)")
-        if ts <= self._floor:
+        replay = self._senders.get(sender)
+        if replay is None:
+            replay = self._senders[sender] = _Replay(self._dropped_floor)
+        replay.forget_before(now - self.window)
+        if ts <= replay.floor:
             raise SignalError(SignalReject.STALE, "older than the replay guard remembers")
-        key = (sender, payload["nonce"])
-        if key in self._seen:
-            raise SignalError(SignalReject.REPLAYED, f"nonce {key[1].hex()} seen before")
-        self._remember(ts, key)
+        if payload["nonce"] in replay.seen:
+            raise SignalError(SignalReject.REPLAYED, f"nonce {payload['nonce'].hex()} seen before")
+        replay.remember(ts, payload["nonce"], self.max_remembered)
+        self._opened += 1
+        if self._opened % 256 == 0:  # now and then: drop senders with nothing left to remember
+            for peer, state in list(self._senders.items()):
+                state.forget_before(now - self.window)
+                if not state.seen:
+                    self._dropped_floor = max(self._dropped_floor, state.floor)
+                    del self._senders[peer]
         return payload["body"]  # type: ignore[no-any-return]
 
-    def _forget_before(self, oldest: float) -> None:
+    @property
+    def remembered(self) -> int:
+        """Nonces held by the replay guard now (all senders)."""
+        return sum(len(state.seen) for state in self._senders.values())
+
+
+class _Replay:
+    """One sender's recent nonces, oldest first, and the age below which it is refused."""
+
+    def __init__(self, floor: float) -> None:
+        self.seen: set[bytes] = set()
+        self.by_age: list[tuple[float, bytes]] = []  # heap of (ts, nonce)
+        self.floor = floor  # this sender's signals this old or older are refused
+
+    def forget_before(self, oldest: float) -> None:
         """Drop nonces whose signals the window refuses anyway."""
-        while self._by_age and self._by_age[0][0] < oldest:
+        while self.by_age and self.by_age[0][0] < oldest:
             self._pop_oldest()
 
     def _pop_oldest(self) -> None:
         """Forget the oldest nonce; from now on its age is refused (even if our clock jumps
         back)."""
-        ts, sender, nonce = heapq.heappop(self._by_age)
-        self._seen.discard((sender, nonce))
-        self._floor = max(self._floor, ts)
+        ts, nonce = heapq.heappop(self.by_age)
+        self.seen.discard(nonce)
+        self.floor = max(self.floor, ts)
 
-    def _remember(self, ts: float, key: tuple[str, bytes]) -> None:
-        while len(self._by_age) >= self.max_remembered:
+    def remember(self, ts: float, nonce: bytes, limit: int) -> None:
+        while len(self.by_age) >= limit:
             self._pop_oldest()
-        self._seen.add(key)
-        heapq.heappush(self._by_age, (ts, *key))
-
-    @property
-    def remembered(self) -> int:
-        """Nonces held by the replay guard now."""
-        return len(self._seen)
+        self.seen.add(nonce)
+        heapq.heappush(self.by_age, (ts, nonce))

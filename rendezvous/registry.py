@@ -108,6 +108,17 @@ class Registry:
 
     # -- changes ---------------------------------------------------------------------------
 
+    def check_room(self, public_key: bytes, job: str) -> str:
+        """The peer id of ``public_key``; raises ProtocolError ``job_full`` when joining
+        ``job`` would take it beyond ``max_members`` (a member re-joining takes no room)."""
+        peer_id = peer_id_from_public_key(public_key)
+        old = self._members.get(peer_id)
+        if (old is None or old.job != job) and len(self._jobs.get(job, ())) >= self.max_members:
+            raise ProtocolError(
+                ErrorCode.JOB_FULL, f"job {job} already has {self.max_members} members"
+            )
+        return peer_id
+
     def join(
         self,
         *,
@@ -127,13 +138,9 @@ class Registry:
         Raises ProtocolError ``job_full`` when the job has ``max_members`` others already, and
         ``too_large`` when the member map would exceed ``MAX_MEMBER_BYTES``.
         """
-        peer_id = peer_id_from_public_key(public_key)
+        peer_id = self.check_room(public_key, job)
         old = self._members.get(peer_id)
         same_job = old is not None and old.job == job
-        if not same_job and len(self._jobs.get(job, ())) >= self.max_members:
-            raise ProtocolError(
-                ErrorCode.JOB_FULL, f"job {job} already has {self.max_members} members"
-            )
         member = Member(
             peer_id=peer_id,
             public_key=public_key,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import html
 import ipaddress
 import logging
@@ -59,6 +60,7 @@ from rendezvous.turn import turn_ice_server
 log = logging.getLogger(__name__)
 
 NONCE_SIZE = 32
+MAX_LOOKUPS = 8  # host-name look-ups for dial-back at once (executor threads)
 CLOSE_REPLACED = 4000  # another session joined with the same key
 CLOSE_EXPIRED = 4001  # no message within the TTL
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
@@ -248,6 +250,9 @@ class RendezvousServer:
         self._next_session = 0
         self._closed = False
         self._version = _package_version()
+        self._lookups = asyncio.Semaphore(MAX_LOOKUPS)
+        """Host-name look-ups for dial-back in flight (each holds an executor thread until it
+        ends, even after we stopped waiting for it)."""
         self._failed_joins = KeyedRateLimiter(
             self.config.failed_join_rate, self.config.failed_join_burst
         )
@@ -454,6 +459,7 @@ class RendezvousServer:
         self._check_policy(job, public_key, proof)
         addrs = list(dict.fromkeys(check_addrs(fields["addrs"])))
         meta = check_meta(fields["meta"])
+        self.registry.check_room(public_key, job)  # before dialing anything back
         reachable = await self._verify_addrs(addrs, public_key, conn.remote)
         if conn.closing or conn.ws.closed or self._closed:
             return  # gone while we were dialing back; nothing to register
@@ -522,9 +528,12 @@ class RendezvousServer:
             return None
         try:
             async with asyncio.timeout(self.config.dialback_timeout):
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    host, int(port), type=socket.SOCK_STREAM
-                )
+                await self._lookups.acquire()
+                lookup = asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(socket.getaddrinfo, host, int(port),
+                                            type=socket.SOCK_STREAM))
+                lookup.add_done_callback(lambda _f: self._lookups.release())
+                infos = await asyncio.shield(lookup)
         except (OSError, TimeoutError, UnicodeError) as exc:
             log.info("not dialing back %s: cannot resolve %s (%s)", addr, host, exc)
             return None

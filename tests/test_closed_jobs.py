@@ -22,7 +22,7 @@ import pytest
 
 from overlay.errors import RendezvousError, RendezvousRefused, TransportError
 from overlay.host import Host, HostConfig
-from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity
+from overlay.identity import Identity
 from overlay.membership import (
     JobPolicy,
     Refusal,
@@ -31,7 +31,7 @@ from overlay.membership import (
     policy_from_files,
     read_peer_list,
 )
-from overlay.protocol import ErrorCode, MsgType, decode, encode
+from overlay.protocol import ErrorCode, MsgType, decode, encode, signed_join
 from overlay.rendezvous_client import RendezvousClient
 from overlay.wire import ModelMessage, NamedArray
 from peerlearn.cli import build_parser
@@ -299,9 +299,7 @@ async def test_a_flooding_session_is_told_then_closed() -> None:
                               **FAST) as server, aiohttp.ClientSession() as session:
         async with session.ws_connect(server.url) as ws:
             challenge = decode((await ws.receive(timeout=WAIT)).data)[1]
-            signed = me.sign(DOMAIN_RENDEZVOUS_AUTH + challenge["nonce"] + JOB.encode())
-            await ws.send_bytes(encode(MsgType.JOIN, public_key=me.public_key, signature=signed,
-                                       job=JOB, addrs=[], meta={}))
+            await ws.send_bytes(signed_join(me, challenge["nonce"], JOB))
             assert decode((await ws.receive(timeout=WAIT)).data)[0] is MsgType.WELCOME
             for _ in range(30):
                 await ws.send_bytes(encode(MsgType.HEARTBEAT))

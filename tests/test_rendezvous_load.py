@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from overlay.errors import ProtocolError, RendezvousError
-from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity
+from overlay.identity import Identity
 from overlay.protocol import (
     MAX_MEMBERS,
     MAX_MESSAGE_BYTES,
@@ -31,6 +31,7 @@ from overlay.protocol import (
     encode_prepacked,
     pack,
     pack_array,
+    signed_join,
 )
 from overlay.rendezvous_client import RendezvousClient
 from rendezvous import run_rendezvous
@@ -57,9 +58,7 @@ async def _join(http: aiohttp.ClientSession, url: str) -> _Session:
     identity = Identity.generate()
     ws = await http.ws_connect(url, max_msg_size=MAX_WELCOME_BYTES)
     _, challenge = decode((await ws.receive()).data)
-    signed = DOMAIN_RENDEZVOUS_AUTH + challenge["nonce"] + b"load"
-    await ws.send_bytes(encode(MsgType.JOIN, public_key=identity.public_key,
-                               signature=identity.sign(signed), job="load", addrs=[], meta={}))
+    await ws.send_bytes(signed_join(identity, challenge["nonce"], "load"))
     msg_type, welcome = decode((await ws.receive()).data, max_bytes=MAX_WELCOME_BYTES,
                                max_items=MAX_MEMBERS)
     assert msg_type is MsgType.WELCOME, welcome

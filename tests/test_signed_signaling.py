@@ -166,6 +166,25 @@ def test_replay_guard_is_bounded_and_forgetting_lets_no_replay_through() -> None
     assert [_refused(p, d) for d in sealed] == ["stale"] * 5
 
 
+def test_a_member_flooding_the_replay_guard_only_locks_out_itself() -> None:
+    p = _pair(max_remembered=8)
+    carol = Identity.generate()
+    p.members[carol.peer_id] = carol.public_key
+    # alice fills her share with signals dated at the far end of the window, and more
+    outcomes = []
+    for _ in range(20):
+        try:
+            p.guard.open(p.alice.peer_id, "offer", p.seal(now=NOW + SIGNAL_WINDOW - 1))
+            outcomes.append("opened")
+        except SignalError as exc:
+            outcomes.append(exc.reason)
+    assert outcomes[:8] == ["opened"] * 8 and "stale" in outcomes[8:]
+    assert _refused(p, p.seal()) == "stale"  # alice's own honest-looking one: locked out
+    fresh = seal(carol, to=p.bob.peer_id, job=JOB, kind="offer", body=BODY, now=NOW)
+    assert p.guard.open(carol.peer_id, "offer", fresh) == BODY  # carol is not
+    assert p.guard.remembered <= 8 + 1
+
+
 def test_replay_guard_survives_our_clock_jumping_back() -> None:
     p = _pair()
     old = p.seal()
