@@ -243,6 +243,18 @@ def request_id_of(frame: bytes | memoryview, limits: Limits = Limits()) -> str |
     return request_id if isinstance(request_id, str) and len(request_id) <= 256 else None
 
 
+def nack_for(
+    exc: WireError, request_id: Any, header_frame: bytes | memoryview, limits: Limits = Limits()
+) -> bytes:
+    """The ``nack`` refusing a request with ``exc``. The requester matches replies by
+    ``request_id``: when the header was refused before it was decoded (``request_id`` None),
+    it is recovered from ``header_frame`` if it can be, else the requester waits its timeout."""
+    if request_id is None:
+        request_id = request_id_of(header_frame, limits)
+    ids = {"request_id": request_id} if isinstance(request_id, str) else {}
+    return encode_control(FrameType.NACK, reason=exc.reason, message=str(exc)[:200], **ids)
+
+
 def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = header.get(name)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):

@@ -71,7 +71,7 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from overlay.errors import TransportError, WireError
 from overlay.identity import Identity
 from overlay.transport.base import Frames, Handler, TransportStats
-from overlay.wire import FrameType, Limits, decode_header, encode_control, request_id_of
+from overlay.wire import Limits, decode_header, nack_for
 
 log = logging.getLogger(__name__)
 
@@ -724,11 +724,7 @@ class WebRtcLink:
             except WireError as exc:
                 self._transport.stats.reject(exc.reason)
                 log.warning("link %s: rejected a message: %s", self.peer_id, exc)
-                if request_id is None:  # refused before it was decoded: recover it if we can
-                    request_id = request_id_of(frames[0], self._transport.limits)
-                ids = {"request_id": request_id} if isinstance(request_id, str) else {}
-                reply = [encode_control(FrameType.NACK, reason=exc.reason,
-                                        message=str(exc)[:200], **ids)]
+                reply = [nack_for(exc, request_id, frames[0], self._transport.limits)]
         finally:
             self._requests_active -= 1
         if reply is None:

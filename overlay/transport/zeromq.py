@@ -34,7 +34,7 @@ from overlay.dialback import answer_probe
 from overlay.errors import TransportError, WireError
 from overlay.identity import Identity, curve_public_key_from_ed25519
 from overlay.transport.base import Frames, Handler, TransportStats
-from overlay.wire import FrameType, Limits, decode_header, encode_control, request_id_of
+from overlay.wire import FrameType, Limits, decode_header, nack_for
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +229,7 @@ class ZmqTransport:
         except WireError as exc:
             self.stats.reject(exc.reason)
             log.warning("rejected a message: %s", exc)
-            # The requester matches replies by request_id: without it a nack is dropped as
-            # stale and the requester waits for its whole timeout.
-            if request_id is None:  # refused before it was decoded: recover it if we can
-                request_id = request_id_of(head.buffer, self.limits)
-            ids = {"request_id": request_id} if isinstance(request_id, str) else {}
-            reply = [encode_control(FrameType.NACK, reason=exc.reason, message=str(exc)[:200],
-                                    **ids)]
+            reply = [nack_for(exc, request_id, head.buffer, self.limits)]
         if reply is None:
             return
         try:
