@@ -9,7 +9,7 @@
     with the same key and checkpoint (it must resume); one SIGKILL + restart of the
     rendezvous (the peers must re-register by themselves); 5 % packet loss on one NAT path
     for the whole run (NAT lab only); hostile ZeroMQ frames against the public peer while it
-    trains (``peerlearn.hostile.blast_zmq``, as a stranger: random parts, truncated models,
+    trains (``benchmarks._hostile.blast_zmq``, as a stranger: random parts, truncated models,
     bad digests, pickles, ...);
 (c) the rendezvous load tool (``benchmarks/_rendezvous_load.py --peers N``, H6): join-event
     delivery latency p50/p99 and resident memory at N peers.
@@ -225,7 +225,7 @@ def hostile(swarm: LocalSwarm, topo: Topology) -> dict[str, Any]:
 
 def blast_main(address: str, key_hex: str) -> int:
     """``--blast``: run in the target's network (a lab namespace); prints the result as JSON."""
-    from peerlearn.hostile import blast_zmq
+    from _hostile import blast_zmq  # benchmarks/_hostile.py, next to this script
 
     result = asyncio.run(blast_zmq(address, bytes.fromhex(key_hex), HOSTILE_FRAMES, job=JOB,
                                    seed=11, quiet=5.0))
