@@ -12,22 +12,34 @@ import collections
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up; ``rate <= 0``: no limit."""
 
+    __slots__ = ("rate", "burst", "_tokens", "_last")
+
     def __init__(self, rate: float, burst: float) -> None:
         self.rate, self.burst = rate, burst
         self._tokens = burst
         self._last: float | None = None
 
+    def _refill(self, now: float) -> None:
+        if self._last is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+
     def take(self, now: float) -> bool:
         """Spend one token; False (and nothing spent) when the bucket is empty."""
         if self.rate <= 0:
             return True
-        if self._last is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
+        self._refill(now)
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
         return False
+
+    def empty(self, now: float) -> bool:
+        """True if no token is left (nothing is spent)."""
+        if self.rate <= 0:
+            return False
+        self._refill(now)
+        return self._tokens < 1.0
 
 
 class KeyedRateLimiter:
@@ -36,32 +48,24 @@ class KeyedRateLimiter:
 
     def __init__(self, rate: float, burst: float, max_keys: int = 4096) -> None:
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
-        self._buckets: collections.OrderedDict[str, tuple[float, float]] = (
-            collections.OrderedDict()
-        )
+        self._buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
 
-    def _refill(self, key: str, now: float) -> float:
-        tokens, last = self._buckets.pop(key, (self.burst, now))
-        return min(self.burst, tokens + (now - last) * self.rate)
-
-    def _store(self, key: str, tokens: float, now: float) -> None:
-        self._buckets[key] = (tokens, now)
+    def _bucket(self, key: str) -> TokenBucket:
+        """``key``'s bucket, now the most recently seen."""
+        bucket = self._buckets.pop(key, None) or TokenBucket(self.rate, self.burst)
+        self._buckets[key] = bucket
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
+        return bucket
 
     def allow(self, key: str, now: float) -> bool:
         """Spend one of ``key``'s tokens; False when it has none left."""
         if self.rate <= 0:
             return True
-        tokens = self._refill(key, now)
-        allowed = tokens >= 1.0
-        self._store(key, tokens - 1.0 if allowed else tokens, now)
-        return allowed
+        return self._bucket(key).take(now)
 
     def exhausted(self, key: str, now: float) -> bool:
         """True if ``key`` has no token left (nothing is spent)."""
         if self.rate <= 0 or key not in self._buckets:
             return False
-        tokens = self._refill(key, now)
-        self._store(key, tokens, now)
-        return tokens < 1.0
+        return self._bucket(key).empty(now)
