@@ -341,10 +341,10 @@ async def blast_zmq(
     if server_public_key is not None:
         from overlay.identity import curve_public_key_from_ed25519
 
-        public: bytes | None = getattr(identity, "curve_public_key", None)
-        secret: bytes | None = getattr(identity, "curve_secret_key", None)
-        if stranger or public is None or secret is None:
+        if stranger:  # any CURVE key pair: the handshake succeeds, the key is nobody's
             public, secret = zmq.curve_keypair()
+        else:  # the member's own key pair: messages reach the digest check and the validator
+            public, secret = identity.curve_public_key, identity.curve_secret_key
         sock.curve_serverkey = curve_public_key_from_ed25519(server_public_key)  # raw 32 bytes
         sock.curve_publickey = public
         sock.curve_secretkey = secret
