@@ -22,6 +22,7 @@ import json
 import multiprocessing as mp
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import zmq
@@ -136,11 +137,18 @@ def time_pickle(kind: str, repeats: int) -> list[float]:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(address)
+    return _round_trips(ctx, sock, proc, lambda: sock.send_pyobj(state), repeats)
+
+
+def _round_trips(ctx: zmq.Context, sock: zmq.Socket, proc: mp.Process,
+                 send: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds per ``send()`` + the receiver's "ok", ``repeats`` times after one warm-up; then
+    closes the socket and stops the receiver."""
     times = []
     try:
         for i in range(repeats + 1):
             started = time.perf_counter()
-            sock.send_pyobj(state)
+            send()
             assert sock.recv() == b"ok"
             if i:
                 times.append(time.perf_counter() - started)
@@ -167,19 +175,8 @@ def time_bare(kind: str, repeats: int, curve: bool) -> list[float]:
         sock.setsockopt(zmq.CURVE_SECRETKEY, client_secret)
         sock.setsockopt(zmq.CURVE_SERVERKEY, server.curve_public_key)
     sock.connect(address)
-    times = []
-    try:
-        for i in range(repeats + 1):
-            started = time.perf_counter()
-            sock.send_multipart(frames, copy=False)
-            assert sock.recv() == b"ok"
-            if i:
-                times.append(time.perf_counter() - started)
-    finally:
-        sock.close(linger=0)
-        ctx.term()
-        proc.terminate()
-    return times
+    return _round_trips(ctx, sock, proc, lambda: sock.send_multipart(frames, copy=False),
+                        repeats)
 
 
 def main() -> None:
