@@ -1,13 +1,23 @@
-"""What every transport shares: the frame and handler types and the counters."""
+"""The transport contract: what every transport (ZeroMQ, WebRTC) implements and shares.
+
+A transport moves request/reply exchanges of *frames* (the wire format's header frame, then
+its payload frames) to and from remote peers, addressed by peer id. The host never needs to
+know which transport it holds: ``overlay.connections`` picks one per remote peer.
+"""
 
 from __future__ import annotations
 
+import abc
+import enum
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, ClassVar, Protocol, Self
 
 Frames = Sequence[bytes | memoryview]
 """One message: the wire format's header frame, then its payload frames."""
+Reply = tuple[dict[str, Any], list[memoryview]]
+"""A reply: its decoded header, then its payload frames (views into the received buffers)."""
 Handler = Callable[[dict[str, Any], list[memoryview], str | None], Awaitable[Frames | None]]
 """handler(header, payloads, origin) -> reply frames, or None for no reply.
 
@@ -15,6 +25,30 @@ Handler = Callable[[dict[str, Any], list[memoryview], str | None], Awaitable[Fra
 whose CURVE key the connection's handshake proved, for WebRTC the link's peer (DTLS, with the
 fingerprint in signed signaling); None for a sender that is not a member we know.
 """
+
+
+class LinkKind(enum.StrEnum):
+    """How a link to a remote peer was made (logged, reported, shown by ``GET /peers``)."""
+
+    ZMQ = "zmq"
+    """ZeroMQ (CURVE) to a peer whose address the rendezvous dialed back."""
+    WEBRTC_DIRECT = "webrtc-direct"
+    """A WebRTC data channel over a direct path (host, server- or peer-reflexive pair)."""
+    WEBRTC_RELAY = "webrtc-relay"
+    """A WebRTC data channel relayed by TURN."""
+
+
+class Directory(Protocol):
+    """What a transport may ask the host about the members of the job."""
+
+    def address_of(self, peer_id: str) -> str | None:
+        """The verified ZeroMQ address of ``peer_id`` (None: not reachable, or no member)."""
+
+    def public_key_of(self, peer_id: str) -> bytes | None:
+        """The Ed25519 public key of member ``peer_id`` (None: no member)."""
+
+    def peer_of_curve_key(self, curve_public_key: bytes) -> str | None:
+        """The member whose identity gives this CURVE public key, or None."""
 
 
 @dataclass
@@ -28,3 +62,53 @@ class TransportStats:
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+class Transport(abc.ABC):
+    """Request/reply with remote peers, addressed by peer id.
+
+    Use as ``async with transport:`` (or ``start()`` / ``close()``); ``close()`` cancels and
+    awaits every task the transport owns and is safe to call twice.
+    """
+
+    name: ClassVar[str]
+    """Short name used in logs and refusal counters: ``zmq`` or ``webrtc``."""
+    stats: TransportStats
+
+    async def start(self) -> None:
+        """Start listening / serving (default: nothing to start)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop everything; safe to call twice."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def request(
+        self, peer_id: str, frames: Frames, request_id: str, *, timeout: float
+    ) -> Reply:
+        """Send ``frames`` to ``peer_id`` and wait for the reply carrying ``request_id``.
+
+        ``timeout`` bounds the whole exchange (link set-up, sending, the remote's work, the
+        reply). Raises ``TransportError`` on timeout, refusal or a link that ends; a ``nack``
+        is returned as a reply like any other.
+        """
+
+    @abc.abstractmethod
+    async def forget(self, peer_id: str) -> None:
+        """Close and drop whatever the transport holds for ``peer_id`` (a peer that left)."""
+
+    @abc.abstractmethod
+    def link_kind(self, peer_id: str) -> LinkKind | None:
+        """The kind of the open link to ``peer_id``; None while there is none."""
