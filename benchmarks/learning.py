@@ -39,7 +39,7 @@ from learner.model import build_model
 from learner.partition import split_dataset
 from learner.peer import PeerConfig, job_seed
 from learner.train import evaluate, make_optimizer, make_scheduler, train_epoch
-from peerlearn.swarm import LocalSwarm
+from testkit.swarm import LocalSwarm
 
 DATASET = "digits"
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def run_swarm(job: str, peers: int, epochs: int, *extra: str,
             swarm.start_peer(num, total, epochs, *args, threads=threads)
         if attack is not None:
             swarm.start_peer(peers, total, epochs, *args, "--attack", attack, threads=threads,
-                             module="benchmarks._attacker")
+                             module="testkit.attacker")
         if late is not None:
             after, late_epochs = late
             if not swarm.wait_for(lambda: all(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peerlearn.swarm import LocalSwarm
+from testkit.swarm import LocalSwarm
 
 log = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ from overlay.protocol import ErrorCode, MsgType, decode, encode, signed_join
 from overlay.rendezvous_client import RendezvousClient
 from overlay.wire import ModelMessage, NamedArray
 from peerlearn.cli import build_parser
-from peerlearn.swarm import LocalSwarm
 from rendezvous import RendezvousConfig, RendezvousServer, run_rendezvous
 from rendezvous.options import config_from_args
 from rendezvous.ratelimit import KeyedRateLimiter, TokenBucket
+from testkit.swarm import LocalSwarm
 
 JOB = "closed"
 SECRET = b"correct horse battery staple"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from peerlearn.swarm import LocalSwarm
+from testkit.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 

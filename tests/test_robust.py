@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks._attacker import Attack
 from learner.merge import Candidate, MergePolicy, plan_merge
 from learner.peer import PeerConfig
 from learner.robust import (
@@ -25,7 +24,8 @@ from learner.robust import (
     trimmed_mean,
 )
 from peerlearn.cli import build_parser
-from peerlearn.swarm import LocalSwarm
+from testkit.attacker import Attack
+from testkit.swarm import LocalSwarm
 
 
 def _state(w: list[float], count: int = 0) -> dict[str, torch.Tensor]:
@@ -208,7 +208,7 @@ def _start(swarm: LocalSwarm, robust: str, attack: str | None) -> None:
         swarm.start_peer(num, TOTAL, EPOCHS, *common)
     if attack is not None:
         swarm.start_peer(3, TOTAL, EPOCHS, *common, "--attack", attack,
-                         module="benchmarks._attacker")
+                         module="testkit.attacker")
 
 
 def _honest_final(swarm: LocalSwarm, robust: str, attack: str | None) -> dict[int, float]:
