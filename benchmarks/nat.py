@@ -1,7 +1,7 @@
 """Links through real NATs: which kind each pair of NAT behaviours gets, how fast it is set up,
 and model delivery throughput, ours vs. bare aiortc on the same path.
 
-One NAT lab (network namespaces, nftables; see /work/shared/NATLAB.md and peerlearn/natlab.py)
+One NAT lab (network namespaces, nftables; see /work/shared/NATLAB.md and testkit/natlab.py)
 with the rendezvous (STUN built in) and coturn on its "internet". For every unordered pair of
 {public, full-cone, port-restricted, symmetric} two fresh peers are placed (a public host
 listening for ZeroMQ on ``<ip>:6000``, or a home behind that NAT) and run
@@ -41,8 +41,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peerlearn.natlab import Host, NatLab, NatType, available  # noqa: E402
-from peerlearn.swarm import LocalSwarm  # noqa: E402
+from testkit.natlab import Host, NatLab, NatType, available  # noqa: E402
+from testkit.swarm import LocalSwarm  # noqa: E402
 
 RATIO_ROUNDS = 7  # transfers per connection for the ours-vs-bare comparison
 PROBE = Path(__file__).resolve().parent / "_natprobe.py"

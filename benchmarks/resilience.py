@@ -9,7 +9,7 @@
     with the same key and checkpoint (it must resume); one SIGKILL + restart of the
     rendezvous (the peers must re-register by themselves); 5 % packet loss on one NAT path
     for the whole run (NAT lab only); hostile ZeroMQ frames against the public peer while it
-    trains (``benchmarks._hostile.blast_zmq``, as a stranger: random parts, truncated models,
+    trains (``testkit.hostile.blast_zmq``, as a stranger: random parts, truncated models,
     bad digests, pickles, ...);
 (c) the rendezvous load tool (``benchmarks/_rendezvous_load.py --peers N``, H6): join-event
     delivery latency p50/p99 and resident memory at N peers.
@@ -48,8 +48,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from peerlearn.natlab import NatLab, NatType, available  # noqa: E402
-from peerlearn.swarm import LocalSwarm  # noqa: E402
+from testkit.natlab import NatLab, NatType, available  # noqa: E402
+from testkit.swarm import LocalSwarm  # noqa: E402
 
 JOB = "resilience"
 TURN_SECRET = "resilience-secret"  # noqa: S105 (a throwaway secret for a lab that lives minutes)
@@ -225,7 +225,7 @@ def hostile(swarm: LocalSwarm, topo: Topology) -> dict[str, Any]:
 
 def blast_main(address: str, key_hex: str) -> int:
     """``--blast``: run in the target's network (a lab namespace); prints the result as JSON."""
-    from _hostile import blast_zmq  # benchmarks/_hostile.py, next to this script
+    from testkit.hostile import blast_zmq
 
     result = asyncio.run(blast_zmq(address, bytes.fromhex(key_hex), HOSTILE_FRAMES, job=JOB,
                                    seed=11, quiet=5.0))

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 log = logging.getLogger(__name__)
 
 STATE_DIR = Path("/run/peerlearn-natlab")
-"""Where every lab records what it created, so ``python -m peerlearn.natlab down`` can undo it."""
+"""Where every lab records what it created, so ``python -m testkit.natlab down`` can undo it."""
 
 GATEWAY_IP = "203.0.113.100"
 """The internet namespace's own address on the bridge; every bridge host's default route."""
@@ -53,7 +53,7 @@ _AUTO_NAME = re.compile(r"^plab[0-9a-f]{4}$")
 _AUTO_NETNS = re.compile(r"^plab[0-9a-f]{4}-")
 _LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-_ROOT = Path(__file__).resolve().parent.parent  # so ``python -m peerlearn.natlab`` works in a netns
+_ROOT = Path(__file__).resolve().parent.parent  # so ``python -m testkit.natlab`` works in a netns
 
 STUN_MAGIC = 0x2112A442
 _STUN_BINDING_REQUEST = 0x0001
@@ -410,7 +410,7 @@ class UdpAgent:
     def __init__(self, host: Host, port: int = 0, reflect: bool = False,
                  ready_timeout: float = 10.0) -> None:
         self.host = host
-        args = ["-m", "peerlearn.natlab", "agent", "--port", str(port)]
+        args = ["-m", "testkit.natlab", "agent", "--port", str(port)]
         self._proc = host.run(
             host.python(*args, *(["--reflect"] if reflect else [])),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -489,7 +489,7 @@ class NatLab:
     Creating it builds the internet namespace with bridge ``br0`` (203.0.113.0/24); hosts and
     homes are added with the methods below. ``close()`` (or leaving the ``with`` block, also on
     an exception) kills every process it started and deletes every namespace, which deletes
-    every interface. A state file in ``state_dir`` lets ``python -m peerlearn.natlab down``
+    every interface. A state file in ``state_dir`` lets ``python -m testkit.natlab down``
     clean up after a lab whose owner was killed.
     """
 
@@ -848,11 +848,11 @@ def _print_lab(lab: NatLab, secret: str | None) -> None:
     if "rdv" in lab.hosts:
         rdv = lab.hosts["rdv"]
         print(f"rendezvous: ip netns exec {rdv.netns} peerlearn rendezvous --host {rdv.ip}")
-    print(f"tear down:  python -m peerlearn.natlab down {lab.name}")
+    print(f"tear down:  python -m testkit.natlab down {lab.name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peerlearn.natlab",
+    parser = argparse.ArgumentParser(prog="python -m testkit.natlab",
                                      description="real NATs in network namespaces")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)

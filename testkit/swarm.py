@@ -2,7 +2,7 @@
 
 Used by ``peerlearn demo``, the integration tests and the benchmarks. Each process logs to
 its own file in ``workdir``; peers also write JSON-lines events there (``peer-N.jsonl``).
-On loopback by default; with ``host=`` (a :class:`peerlearn.natlab.Host`) a process runs in
+On loopback by default; with ``host=`` (a :class:`testkit.natlab.Host`) a process runs in
 that network namespace instead (the NAT lab).
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 
 class NamespaceHost(Protocol):
-    """What the swarm needs of a NAT-lab host (peerlearn.natlab.Host)."""
+    """What the swarm needs of a NAT-lab host (testkit.natlab.Host)."""
 
     @property
     def ip(self) -> str: ...
@@ -101,7 +101,7 @@ class LocalSwarm:
         raise TimeoutError("the rendezvous did not start serving")
 
     def start_lab_services(self, lab: Any, turn_secret: str) -> tuple[Any, Any]:
-        """In a :class:`peerlearn.natlab.NatLab`: coturn and the rendezvous (STUN on 3478,
+        """In a :class:`testkit.natlab.NatLab`: coturn and the rendezvous (STUN on 3478,
         handing out TURN credentials) on two hosts of the lab's internet; returns them."""
         rdv = lab.add_server("rdv")
         turn = lab.add_server("turn")

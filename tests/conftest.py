@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from peerlearn.swarm import LocalSwarm
+from testkit.swarm import LocalSwarm
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -1,4 +1,4 @@
-"""Hostile input against live entry points, over real sockets (benchmarks._hostile):
+"""Hostile input against live entry points, over real sockets (testkit.hostile):
 
 - the rendezvous process: hostile WebSocket sessions (random, text, oversized frames, pickles,
   bad joins, join floods) and thousands of hostile STUN datagrams; it must still admit an
@@ -34,19 +34,19 @@ from typing import Any
 import msgpack
 import pytest
 
-from benchmarks._hostile import (
+from overlay.host import Host, HostConfig
+from overlay.identity import Identity
+from overlay.rendezvous_client import RendezvousClient
+from overlay.transport.zeromq import ZmqTransport
+from overlay.wire import FrameType, encode_control
+from testkit.hostile import (
     BlastResult,
     blast_rendezvous,
     blast_stun,
     blast_webrtc,
     blast_zmq,
 )
-from overlay.host import Host, HostConfig
-from overlay.identity import Identity
-from overlay.rendezvous_client import RendezvousClient
-from overlay.transport.zeromq import ZmqTransport
-from overlay.wire import FrameType, encode_control
-from peerlearn.swarm import LocalSwarm
+from testkit.swarm import LocalSwarm
 
 MEMORY_HEADROOM = 200 * 1024 * 1024
 PEER_HEADROOM = 300 * 1024 * 1024

@@ -5,7 +5,7 @@ with a reason (WireError, ChunkError, ProtocolError, StunParseError), never anot
 exception, never an allocation beyond the limits, never an unpickled object.
 
 tests/test_wire.py fuzzes decode_header/decode_model with random maps and bytes; this file
-adds the hostile kinds of benchmarks._hostile, shape/dtype bombs with the allocation measured,
+adds the hostile kinds of testkit.hostile, shape/dtype bombs with the allocation measured,
 NaN/Inf through every codec up to the validator, and the other entry points.
 """
 
@@ -25,7 +25,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks._hostile import ZMQ_KINDS, Kind, pickle_bomb, stun_datagrams, zmq_messages
 from overlay.errors import ProtocolError, WireError
 from overlay.identity import Identity
 from overlay.protocol import (
@@ -63,6 +62,7 @@ from rendezvous.stun import (
     StunServer,
     parse_message,
 )
+from testkit.hostile import ZMQ_KINDS, Kind, pickle_bomb, stun_datagrams, zmq_messages
 
 fuzz = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

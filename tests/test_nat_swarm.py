@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from peerlearn.natlab import NatLab, NatType, available
-from peerlearn.swarm import LocalSwarm
+from testkit.natlab import NatLab, NatType, available
+from testkit.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 

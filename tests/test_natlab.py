@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from peerlearn import natlab
-from peerlearn.natlab import (
+from testkit import natlab
+from testkit.natlab import (
     Host,
     NatLab,
     NatType,
@@ -162,7 +162,7 @@ def test_teardown_removes_everything_even_when_the_body_raises(tmp_path: Path) -
 def test_cli_up_and_down() -> None:
     _skip_unless_available()
     name = f"plabcli{secrets.token_hex(2)}"
-    run = [sys.executable, "-m", "peerlearn.natlab"]
+    run = [sys.executable, "-m", "testkit.natlab"]
     up = subprocess.run([*run, "up", "--name", name, "--homes", "full-cone", "--public", "1"],
                         capture_output=True, text=True, timeout=30)
     try:

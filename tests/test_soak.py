@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from peerlearn.natlab import NatLab, NatType, available
-from peerlearn.swarm import LocalSwarm
+from testkit.natlab import NatLab, NatType, available
+from testkit.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 

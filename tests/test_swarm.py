@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from peerlearn.swarm import LocalSwarm
+from testkit.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 
