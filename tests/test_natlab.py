@@ -6,6 +6,7 @@ Needs root, iproute2 and nftables (coturn for the TURN test); skips with the rea
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -15,14 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from rendezvous.stun import Class, Message, Method
 from testkit import natlab
-from testkit.natlab import (
-    Host,
-    NatLab,
-    NatType,
-    parse_stun_binding_response,
-    stun_binding_request,
-)
+from testkit.natlab import Host, NatLab, NatType, binding_address
 
 QUIET = 0.5  # how long an unsolicited datagram gets to (not) arrive
 
@@ -189,25 +185,26 @@ def test_coturn_answers_stun_from_behind_a_nat() -> None:
     assert proc.popen.poll() is not None  # stopped with the lab
 
 
-def test_stun_codec_round_trip() -> None:
+def test_binding_address_reads_a_recorded_response() -> None:
+    """The lab asks STUN with the rendezvous's codec; a hand-built Binding success with
+    XOR-MAPPED-ADDRESS 203.0.113.7:40000 (RFC 8489 section 14.2) reads back."""
     tid = bytes(range(12))
-    request = stun_binding_request(tid)
+    request = bytes(Message(Method.BINDING, Class.REQUEST, tid))
     assert len(request) == 20 and request[8:] == tid
-    # A Binding success with XOR-MAPPED-ADDRESS 203.0.113.7:40000 (RFC 8489 section 14.2).
     xport = 40000 ^ 0x2112
     xaddr = int.from_bytes(bytes([203, 0, 113, 7]), "big") ^ 0x2112A442
     attr = (0x0020).to_bytes(2, "big") + (8).to_bytes(2, "big") + b"\x00\x01"
     attr += xport.to_bytes(2, "big") + xaddr.to_bytes(4, "big")
     response = b"\x01\x01" + len(attr).to_bytes(2, "big") + request[4:] + attr
-    assert parse_stun_binding_response(response, tid) == ("203.0.113.7", 40000)
+    assert binding_address(response, tid) == ("203.0.113.7", 40000)
     with pytest.raises(ValueError, match="transaction id"):
-        parse_stun_binding_response(response, bytes(12))
-    with pytest.raises(ValueError, match="too short"):
-        parse_stun_binding_response(response[:10], tid)
+        binding_address(response, bytes(12))
+    with pytest.raises(ValueError, match="bytes, a STUN header is 20"):
+        binding_address(response[:10], tid)
 
 
 def test_available_gives_a_reason_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(natlab.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     reason = natlab.available.__wrapped__(coturn=False)
     assert reason is not None and "root" in reason
 
