@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 from collections import defaultdict
+from pathlib import Path
 
 from overlay.membership import JobPolicy, policy_from_files, split_assignment
 from rendezvous.config import RendezvousConfig
@@ -67,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dialback-any-host", action="store_true",
                         help="dial back addresses on any host, not only on the IP the peer "
                         "connects from (behind a reverse proxy)")
+    parser.add_argument("--ready-file", type=Path, default=None, metavar="PATH",
+                        help='once serving, write {"port": P, "stun_port": S} (the bound ports, '
+                        "JSON) to PATH, atomically; removed at shutdown")
     parser.add_argument("--message-rate", type=float, default=d.message_rate,
                         help="messages per second allowed per peer session "
                         f"(default {d.message_rate:g}; burst {d.message_burst:g}; 0: no limit)")
@@ -117,7 +121,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
         log.error("rendezvous: %s", exc)
         return 2
     try:
-        serve(config)
+        serve(config, ready_file=getattr(args, "ready_file", None))
     except OSError as exc:  # a port already taken, an address not ours
         log.error("rendezvous: cannot bind: %s", exc)
         return 1

@@ -16,6 +16,7 @@ import collections
 import enum
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -215,7 +216,9 @@ def _decode_type(message_type: int) -> tuple[int, Class]:
 def parse_message(data: bytes) -> Message:
     """Parse one datagram; raise ``StunParseError`` (a ValueError) saying what is wrong."""
     if len(data) < HEADER_LENGTH:
-        raise StunParseError("short", f"{len(data)} bytes, a STUN header is {HEADER_LENGTH}")
+        raise StunParseError(
+            "short", f"too short: {len(data)} bytes, a STUN header is {HEADER_LENGTH}"
+        )
     message_type, length, cookie, transaction_id = unpack("!HHI12s", data[:HEADER_LENGTH])
     if message_type & 0xC000:
         raise StunParseError("not_stun", "the two leading bits of a STUN message must be zero")
@@ -253,6 +256,34 @@ def parse_message(data: bytes) -> Message:
                 raise StunParseError("bad_fingerprint", "FINGERPRINT does not match")
         pos = end + padding(attr_len)
     return message
+
+
+# -- a client's Binding transaction (section 7) ------------------------------------------------
+
+
+def binding_request(transaction_id: bytes | None = None) -> bytes:
+    """A bare Binding request (no attributes), with a random transaction id unless given."""
+    tid = os.urandom(12) if transaction_id is None else transaction_id
+    if len(tid) != 12:
+        raise ValueError(f"a STUN transaction id is 12 bytes, got {len(tid)}")
+    return bytes(Message(Method.BINDING, Class.REQUEST, tid))
+
+
+def parse_binding_response(data: bytes, transaction_id: bytes) -> tuple[str, int]:
+    """The XOR-MAPPED-ADDRESS of the Binding success response to the request with
+    ``transaction_id``, as ``(ip, port)``; ``StunParseError`` (a ValueError) says what is
+    wrong."""
+    message = parse_message(data)
+    if message.method != Method.BINDING or message.message_class is not Class.RESPONSE:
+        raise StunParseError("not_response", f"not a Binding success response: method "
+                             f"{message.method:#05x}, class {message.message_class.name}")
+    if message.transaction_id != transaction_id:
+        raise StunParseError("wrong_transaction", "STUN transaction id does not match the request")
+    address = message.attributes.get("XOR-MAPPED-ADDRESS")
+    if address is None:
+        raise StunParseError("no_address", "STUN Binding response has no XOR-MAPPED-ADDRESS")
+    ip, port = address
+    return str(ip), int(port)
 
 
 # -- the server ---------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ from overlay.protocol import (
 )
 from overlay.rendezvous_client import RendezvousClient
 from rendezvous import run_rendezvous
+from rendezvous.connection import Connection
 from rendezvous.registry import Registry
-from rendezvous.server import _Connection
 
 SESSIONS = 300
 SIGNALS = 300  # sent between random pairs, after everyone is in
@@ -183,7 +183,7 @@ def test_registry_bounds_members_and_member_size() -> None:
 
 
 class _BlockedSocket:
-    """The neighbour of ``_Connection``: a socket whose sends wait until released."""
+    """The neighbour of ``Connection``: a socket whose sends wait until released."""
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
@@ -200,7 +200,7 @@ class _BlockedSocket:
 
 async def test_queued_membership_frames_are_coalesced_in_place() -> None:
     ws = _BlockedSocket()
-    conn = _Connection(ws, 1, "127.0.0.1", limit=2)  # type: ignore[arg-type]
+    conn = Connection(ws, 1, "127.0.0.1", limit=2)  # type: ignore[arg-type]
     conn.send(b"first")  # taken by the writer, which then blocks in send_bytes
     await asyncio.sleep(0)
     conn.send_membership("X", b"joined X")
