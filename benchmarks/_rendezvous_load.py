@@ -43,7 +43,6 @@ import logging
 import multiprocessing
 import os
 import random
-import re
 import signal
 import statistics
 import subprocess
@@ -296,12 +295,13 @@ def _generator_main(index: int, conn: Connection, url: str, count: int) -> None:
 
 
 class _Server:
-    """The rendezvous as a child process, its port read from its log."""
+    """The rendezvous as a child process on port 0, its port read back from ``--ready-file``."""
 
     def __init__(self) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="rendezvous-load-", suffix=".log")  # noqa: SIM115
+        self._ready = Path(self.log.name).with_suffix(".ready.json")
         cmd = [sys.executable, "-m", "peerlearn", "rendezvous", "--host", "127.0.0.1",
-               "--port", "0", "--stun-port", "-1"]
+               "--port", "0", "--stun-port", "-1", "--ready-file", str(self._ready)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         self.port = self._wait_port()
 
@@ -310,9 +310,8 @@ class _Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"rendezvous exited ({self.proc.returncode}): {self.tail()}")
-            found = re.search(r"listening on http://\S+:(\d+)", Path(self.log.name).read_text())
-            if found:
-                return int(found.group(1))
+            if self._ready.exists():  # written atomically once the server serves
+                return int(json.loads(self._ready.read_text())["port"])
             time.sleep(0.1)
         raise RuntimeError(f"rendezvous did not start in {SERVER_START_TIMEOUT}s: {self.tail()}")
 
@@ -344,6 +343,7 @@ class _Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._ready.unlink(missing_ok=True)  # left behind by a killed server
         self.log.close()
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +24,7 @@ from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity
 from overlay.protocol import MAX_MESSAGE_BYTES, MsgType, decode, encode
 from overlay.rendezvous_client import RendezvousClient, normalize_url
 from rendezvous import RendezvousConfig, RendezvousServer, run_rendezvous
+from rendezvous.connection import TRANSITIONS, Connection, Stage
 from rendezvous.registry import Registry
 
 FAST = {"ttl": 2.0, "heartbeat_interval": 0.5, "dialback_timeout": 0.5, "join_timeout": 2.0}
@@ -409,3 +414,74 @@ async def test_server_close_is_idempotent_and_frees_the_port() -> None:
         assert await recv(ws) is None
     async with run_rendezvous(port=port) as again:
         assert again.port == port
+
+
+# -- as a process: ports read back, not guessed -----------------------------------------------
+
+
+async def test_process_on_port_zero_writes_its_ports_to_the_ready_file(tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rendezvous", "--host", "127.0.0.1", "--port", "0",
+        "--stun-port", "0", "--ready-file", str(ready),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(20):
+            while not ready.exists():
+                assert proc.returncode is None
+                await asyncio.sleep(0.05)
+        ports = json.loads(ready.read_text())
+        assert set(ports) == {"port", "stun_port"} and ports["port"] > 0 and ports["stun_port"] > 0
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{ports['port']}/healthz") as resp:
+                assert (await resp.json())["stun"]["port"] == ports["stun_port"]
+    finally:
+        proc.terminate()
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0
+    assert f"rendezvous listening on http://127.0.0.1:{ports['port']}" in out.decode()
+    assert not ready.exists()  # removed at shutdown: a restart cannot read stale ports
+
+
+async def test_run_rendezvous_yields_a_started_server_on_free_ports() -> None:
+    async with run_rendezvous() as a, run_rendezvous() as b:
+        assert a.port != b.port and a.stun_port != b.stun_port
+        assert a.url == f"ws://127.0.0.1:{a.port}/ws"
+    async with run_rendezvous(RendezvousConfig(host="127.0.0.1", port=0, stun_port=None)) as c:
+        assert c.stun_port is None and c.port > 0
+
+
+# -- a session's stages ------------------------------------------------------------------------
+
+
+class _Socket:
+    closed = False
+
+    async def send_bytes(self, frame: bytes) -> None:
+        pass
+
+    async def close(self, code: int, message: bytes) -> None:
+        self.closed = True
+
+
+async def test_session_stages_change_in_one_place(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="rendezvous.connection")
+    conn = Connection(_Socket(), 7, "127.0.0.1", limit=4)  # type: ignore[arg-type]
+    assert conn.stage is Stage.CHALLENGED and not conn.closing
+    conn.admitting()
+    with pytest.raises(RuntimeError, match="admitting -> admitting not allowed"):
+        conn.admitting()
+    conn.joined("peer-a")
+    assert conn.stage is Stage.JOINED and conn.peer_id == "peer-a"
+    conn.close_soon()
+    assert conn.stage is Stage.CLOSING and conn.closing
+    conn.close_soon()  # a second close changes nothing
+    await conn.finish(1.0)
+    assert conn.stage is Stage.CLOSED
+    changes = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
+    assert changes == [f"session 7 ({who}): {old} -> {new}" for who, old, new in [
+        ("127.0.0.1", "challenged", "admitting"), ("peer-a", "admitting", "joined"),
+        ("peer-a", "joined", "closing"), ("peer-a", "closing", "closed")]]
+    assert all(TRANSITIONS[stage] <= set(Stage) for stage in Stage)
+    assert TRANSITIONS[Stage.CLOSED] == frozenset()

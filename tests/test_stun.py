@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aioice import stun as aioice_stun
 
-from rendezvous import run_rendezvous
+from rendezvous import run_rendezvous, stun
 from rendezvous.stun import (
     COOKIE,
     Class,
@@ -272,3 +272,31 @@ async def test_stun_port_taken_fails_start_cleanly() -> None:
         with pytest.raises(OSError):
             async with run_rendezvous(stun_port=taken.port):
                 pass
+
+
+# -- the client side, as the NAT lab uses it ----------------------------------------------------
+
+
+async def test_client_binding_request_and_response() -> None:
+    tid = bytes(range(12))
+    request = stun.binding_request(tid)
+    assert request == struct.pack("!HHI", 0x0001, 0, COOKIE) + tid  # a bare Binding request
+    assert len(stun.binding_request()) == 20 and stun.binding_request() != stun.binding_request()
+    with pytest.raises(ValueError, match="12 bytes"):
+        stun.binding_request(b"short")
+    async with stun_server() as server, udp_client() as client:
+        assert client.transport is not None
+        client.transport.sendto(request, ("127.0.0.1", server.port))
+        reply = await asyncio.wait_for(client.raw.get(), WAIT)
+    assert stun.parse_binding_response(reply, tid) == client.sockname
+    refusals = [
+        ((reply, bytes(12)), "wrong_transaction", "transaction id"),
+        ((reply[:10], tid), "short", "too short"),
+        ((request, tid), "not_response", "not a Binding success response"),
+        ((bytes(Message(Method.BINDING, Class.RESPONSE, tid)), tid), "no_address",
+         "no XOR-MAPPED-ADDRESS"),
+    ]
+    for args, reason, text in refusals:
+        with pytest.raises(StunParseError, match=text) as info:
+            stun.parse_binding_response(*args)
+        assert info.value.reason == reason
