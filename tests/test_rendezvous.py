@@ -27,7 +27,9 @@ from rendezvous import RendezvousConfig, RendezvousServer, run_rendezvous
 from rendezvous.connection import TRANSITIONS, Connection, Stage
 from rendezvous.registry import Registry
 
-FAST = {"ttl": 2.0, "heartbeat_interval": 0.5, "dialback_timeout": 0.5, "join_timeout": 2.0}
+FAST: dict[str, Any] = {
+    "ttl": 2.0, "heartbeat_interval": 0.5, "dialback_timeout": 0.5, "join_timeout": 2.0
+}
 WAIT = 3.0  # bound on any single awaited event
 
 
@@ -468,17 +470,20 @@ class _Socket:
 async def test_session_stages_change_in_one_place(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="rendezvous.connection")
     conn = Connection(_Socket(), 7, "127.0.0.1", limit=4)  # type: ignore[arg-type]
-    assert conn.stage is Stage.CHALLENGED and not conn.closing
+    stages = [conn.stage]
     conn.admitting()
     with pytest.raises(RuntimeError, match="admitting -> admitting not allowed"):
         conn.admitting()
     conn.joined("peer-a")
-    assert conn.stage is Stage.JOINED and conn.peer_id == "peer-a"
+    stages.append(conn.stage)
+    assert conn.peer_id == "peer-a" and not conn.closing
     conn.close_soon()
-    assert conn.stage is Stage.CLOSING and conn.closing
+    stages.append(conn.stage)
+    assert conn.closing
     conn.close_soon()  # a second close changes nothing
     await conn.finish(1.0)
-    assert conn.stage is Stage.CLOSED
+    stages.append(conn.stage)
+    assert stages == [Stage.CHALLENGED, Stage.JOINED, Stage.CLOSING, Stage.CLOSED]
     changes = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
     assert changes == [f"session 7 ({who}): {old} -> {new}" for who, old, new in [
         ("127.0.0.1", "challenged", "admitting"), ("peer-a", "admitting", "joined"),
