@@ -38,10 +38,11 @@ class Stage(enum.Enum):
     """The writer is done (closed, or the socket failed)."""
 
 
+_ENDING = frozenset({Stage.CLOSING, Stage.CLOSED})  # a close, or the socket failing
 TRANSITIONS: Mapping[Stage, frozenset[Stage]] = {
-    Stage.CHALLENGED: frozenset({Stage.ADMITTING, Stage.CLOSING, Stage.CLOSED}),
-    Stage.ADMITTING: frozenset({Stage.JOINED, Stage.CLOSING, Stage.CLOSED}),
-    Stage.JOINED: frozenset({Stage.CLOSING, Stage.CLOSED}),
+    Stage.CHALLENGED: _ENDING | {Stage.ADMITTING},
+    Stage.ADMITTING: _ENDING | {Stage.JOINED},
+    Stage.JOINED: _ENDING,
     Stage.CLOSING: frozenset({Stage.CLOSED}),
     Stage.CLOSED: frozenset(),
 }
