@@ -349,7 +349,7 @@ def test_pick_device() -> None:
 
 
 def test_cache_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from learner import data
+    from learner import datafiles as data
 
     monkeypatch.setenv("PEERLEARN_CACHE", str(tmp_path))
     assert data.default_cache_dir() == tmp_path
