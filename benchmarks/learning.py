@@ -15,7 +15,7 @@ after-averaging accuracy at its epoch by at most 0.3 points and starts within 2 
 them; fp16 and int8 end within 0.3 points of raw; with one peer poisoning (``--attack``,
 default random weights) and a robust merge rule, the honest peers end within 1 point of a
 run without the attacker. Run from the repository root (the attacker is
-``python -m benchmarks._attacker``). For reference, the original prototype
+``python -m testkit.attacker``). For reference, the original prototype
 (8,000 training / 2,000 test digits, 3 peers, 3 epochs) ended 1.4 points behind centralized.
 """
 
@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from learner.config import TrainConfig
 from learner.data import load_dataset
 from learner.model import build_model
 from learner.partition import split_dataset
-from learner.peer import PeerConfig, job_seed
+from learner.prepare import job_seed
 from learner.train import evaluate, make_optimizer, make_scheduler, train_epoch
 from testkit.swarm import LocalSwarm
 
@@ -50,7 +51,7 @@ def run_swarm(job: str, peers: int, epochs: int, *extra: str,
               attack: str | None = None) -> dict[int, list[dict[str, Any]]]:
     """Peers 0..peers-1 train ``epochs``; ``late = (after_epoch, epochs)`` adds peer ``peers``
     once the others finished ``after_epoch``; ``attack`` adds peer ``peers`` at once as a
-    poisoning peer (benchmarks/_attacker.py). Returns every peer's events."""
+    poisoning peer (testkit/attacker.py). Returns every peer's events."""
     total = total or peers
     threads = 1
     with tempfile.TemporaryDirectory(prefix="peerlearn-bench-") as tmp, \
@@ -88,7 +89,7 @@ def final_mean(events: dict[int, list[dict[str, Any]]], nums: list[int] | None =
 
 def centralized(job: str, peers: int, epochs: int, scheme: str) -> float:
     """Same initial weights, hyper-parameters and epochs; the union of all peers' parts."""
-    cfg = PeerConfig(num=0, total=peers, rendezvous="-")
+    cfg = TrainConfig()  # the peers' defaults
     train_set, test_set = load_dataset(DATASET)
     union: ConcatDataset[Any] = ConcatDataset(
         [split_dataset(train_set, n, peers, scheme) for n in range(peers)])  # as the peers do
@@ -246,7 +247,7 @@ def main() -> None:
     parser.add_argument("--attack", default="random",
                         help="the poisoning scenario's attacker: random or scale:S")
     args = parser.parse_args()
-    # the attacker runs as `python -m benchmarks._attacker`: wherever this was started from
+    # the attacker runs as `python -m testkit.attacker`: wherever this was started from
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     torch.set_num_threads(2)

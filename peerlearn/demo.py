@@ -11,27 +11,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testkit.swarm import LocalSwarm
+from learner.config import DATASET_CHOICES, PeerConfig, option
+from learner.options import to_argv
+from peerlearn.launch import Launcher
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DemoConfig:
-    peers: int = 3
-    """Number of peers; the training set is split into this many equal shards."""
-    epochs: int = 3
-    """Epochs every peer trains."""
-    dataset: str = "digits"
-    """Data set (digits works offline)."""
-    data_dir: str | None = None
-    """Where data set files are looked for first."""
-    workdir: str | None = None
-    """Where logs, keys and events go; None: a temporary folder, removed afterwards."""
-    device: str = "cpu"
-    """Device for every peer."""
-    timeout: float = 1800.0
-    """Give up after this many seconds."""
+    """A local swarm: a rendezvous and ``peers`` peers on loopback."""
+
+    peers: int = option(3, "number of peers; the training set is split into this many equal "
+                        "shards", "--peers", kind="int")
+    epochs: int = option(3, "epochs every peer trains", "--epochs", kind="int")
+    dataset: str = option("digits", "data set (digits works offline)", "--dataset",
+                          choices=DATASET_CHOICES)
+    data_dir: str | None = option(None, "look for data set files here first", "--data-dir")
+    workdir: str | None = option(
+        None, "keep logs, keys and event files here (default: a temporary folder, removed "
+        "afterwards)", "--workdir")
+    device: str = option("cpu", "device for every peer", "--device")
+    timeout: float = option(1800.0, "give up after this many seconds")
+
+
+LAUNCHER_FIELDS = ("num", "total", "rendezvous", "epochs", "key_file", "checkpoint_file",
+                   "events_file", "progress", "listen", "threads")
+"""The fields :meth:`Launcher.peer_args` fills in itself."""
+
+
+def peer_config(config: DemoConfig, num: int, swarm: Launcher, threads: int) -> PeerConfig:
+    """The configuration of the demo's peer ``num``: its command line says exactly this."""
+    files = swarm.workdir
+    return PeerConfig(
+        num, config.peers, f"{swarm.rendezvous_ip}:{swarm.rendezvous_port}", job="demo",
+        epochs=config.epochs, dataset=config.dataset, data_dir=config.data_dir,
+        device=config.device, threads=threads, progress=False, listen="127.0.0.1:0",
+        key_file=str(files / f"peer-{num}.pem"), checkpoint_file=str(files / f"peer-{num}.ckpt"),
+        events_file=str(swarm.events_path(num)))
+
+
+def peer_extra_args(config: DemoConfig, num: int, swarm: Launcher, threads: int) -> list[str]:
+    """What the demo adds to the launcher's ``peer`` command line for peer ``num``."""
+    return to_argv(peer_config(config, num, swarm, threads), omit=LAUNCHER_FIELDS)
 
 
 def _fmt_row(cells: list[str], widths: list[int]) -> str:
@@ -39,7 +61,7 @@ def _fmt_row(cells: list[str], widths: list[int]) -> str:
                      enumerate(zip(cells, widths, strict=True)))
 
 
-def results_table(swarm: LocalSwarm, peers: int, epochs: int) -> str:
+def results_table(swarm: Launcher, peers: int, epochs: int) -> str:
     """Per peer: accuracy before -> after averaging per epoch, models received, MB sent."""
     header = ["peer", "samples"] + [f"epoch {e}: before -> after" for e in range(1, epochs + 1)]
     header += ["models recv", "MB sent"]
@@ -60,7 +82,7 @@ def results_table(swarm: LocalSwarm, peers: int, epochs: int) -> str:
     return "\n".join(_fmt_row(r, widths) for r in rows)
 
 
-def _progress(swarm: LocalSwarm, peers: int, seen: dict[int, int]) -> None:
+def _progress(swarm: Launcher, peers: int, seen: dict[int, int]) -> None:
     for num in range(peers):
         records = swarm.events(num)
         for rec in records[seen.get(num, 0):]:
@@ -98,17 +120,15 @@ def run_demo(config: DemoConfig) -> int:
     else:
         workdir = Path(config.workdir)
     threads = max(1, (os.cpu_count() or 1) // config.peers)
-    extra = ["--dataset", config.dataset, "--device", config.device, "--job", "demo"]
-    if config.data_dir:
-        extra += ["--data-dir", config.data_dir]
-    swarm = LocalSwarm(workdir)
+    swarm = Launcher(workdir)
     seen: dict[int, int] = {}
     try:
         port = swarm.start_rendezvous()
         print(f"rendezvous on http://127.0.0.1:{port} (try /peers?job=demo); logs in {workdir}",
               flush=True)
         for num in range(config.peers):
-            swarm.start_peer(num, config.peers, config.epochs, *extra, threads=threads)
+            swarm.start_peer(num, config.peers, config.epochs,
+                             *peer_extra_args(config, num, swarm, threads), threads=threads)
         deadline = time.monotonic() + config.timeout
         while time.monotonic() < deadline:
             _progress(swarm, config.peers, seen)

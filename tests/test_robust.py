@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from learner.config import PeerConfig
 from learner.merge import Candidate, MergePolicy, plan_merge
-from learner.peer import PeerConfig
 from learner.robust import (
     Robust,
     RobustRule,
@@ -231,7 +231,7 @@ def test_median_keeps_honest_peers_on_course_against_a_poisoning_peer(
         tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """A: 3 honest peers; B: the same + an attacker sending random weights, median merge;
     C: the same attacker, plain average. The three swarms run side by side."""
-    root = str(Path(__file__).resolve().parents[1])  # `-m benchmarks._attacker`, any cwd
+    root = str(Path(__file__).resolve().parents[1])  # `-m testkit.attacker`, any cwd
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p))
     started = time.monotonic()
