@@ -12,9 +12,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +72,26 @@ def load(path: str | os.PathLike[str], fingerprint: str) -> Checkpoint | None:
     return Checkpoint(epoch=int(payload["epoch"]), epochs_trained=int(payload["epochs_trained"]),
                       fingerprint=fingerprint, model=payload["model"],
                       optimizer=payload["optimizer"], scheduler=payload["scheduler"])
+
+
+def save_training(path: str | os.PathLike[str], epoch: int, epochs_trained: int,
+                  fingerprint: str, model: nn.Module, optimizer: Optimizer,
+                  scheduler: LRScheduler) -> None:
+    """Save a peer's training state (model on the CPU, optimizer, scheduler, counters)."""
+    save(path, Checkpoint(
+        epoch=epoch, epochs_trained=epochs_trained, fingerprint=fingerprint,
+        model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()))
+
+
+def restore(path: str | os.PathLike[str], fingerprint: str, model: nn.Module,
+            optimizer: Optimizer, scheduler: LRScheduler) -> Checkpoint | None:
+    """Load the checkpoint at ``path`` into ``model``, ``optimizer`` and ``scheduler``; None
+    (nothing loaded) if there is none or it is not ours (:func:`load`)."""
+    ckpt = load(path, fingerprint)
+    if ckpt is None:
+        return None
+    model.load_state_dict(ckpt.model)
+    optimizer.load_state_dict(ckpt.optimizer)
+    scheduler.load_state_dict(ckpt.scheduler)
+    return ckpt

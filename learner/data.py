@@ -31,6 +31,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -145,7 +146,7 @@ def load_dataset(name: str = "digits", data_dir: str | os.PathLike[str] | None =
 # Splitting among peers
 
 
-def shard(dataset: Dataset, num: int, total: int, seed: int = 0) -> Subset:
+def shard(dataset: Dataset[Any], num: int, total: int, seed: int = 0) -> Subset[Any]:
     """Part ``num`` of ``total`` equal, disjoint IID parts of ``dataset``.
 
     A permutation seeded by ``seed`` is cut into ``total`` parts of ``len(dataset) // total``

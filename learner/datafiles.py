@@ -55,7 +55,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     p = Path(path)
     try:
         opener: Callable[..., io.BufferedIOBase]
-        opener = gzip.open if p.suffix == ".gz" else open  # type: ignore[assignment]
+        opener = gzip.open if p.suffix == ".gz" else open
         with opener(p, "rb") as f:
             header = f.read(4)
             if len(header) != 4:

@@ -48,7 +48,7 @@ def _read_image(path: Path, image_size: int, grayscale: bool) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
-class ImageFiles(Dataset):
+class ImageFiles(Dataset[tuple[torch.Tensor, int]]):
     """Images read from disk at every access, for folders too large to hold as tensors.
 
     Items are ``(float32 C x S x S tensor, int label)``, normalized like the materialized form.

@@ -16,11 +16,20 @@ for (its ``k`` predecessors), and traffic grows linearly with the swarm.
 
 from __future__ import annotations
 
+import copy
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from learner.robust import Robust, RobustReport
+from learner.robust import Robust, RobustReport, aggregate
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from learner.exchange import Incoming
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,37 @@ def plan_merge(
     total = sum(raw.values())
     plan.weights = {k: v / total for k, v in raw.items()} if total > 0 else {self_key: 1.0}
     return plan
+
+
+def merge_received(policy: MergePolicy, model: nn.Module, epoch: int, samples: int,
+                   received: Mapping[str, Incoming], *, self_key: str,
+                   val_loader: DataLoader[Any] | None, device: torch.device
+                   ) -> tuple[MergePlan, list[str]]:
+    """Plan the weights (staleness, gate) and merge ``received`` into ``model`` by the
+    policy's rule; returns the plan and the senders merged. Runs in a worker thread."""
+    from learner.train import evaluate  # torch
+
+    own_accuracy = None
+    if policy.gate and val_loader is not None and received:
+        own_accuracy = float(evaluate(model, val_loader, device)["accuracy"])
+
+    def score(sender: str) -> float:
+        assert val_loader is not None
+        probe = copy.deepcopy(model)
+        probe.load_state_dict(received[sender].state)
+        return float(evaluate(probe, val_loader, device)["accuracy"])
+
+    plan = plan_merge(
+        policy, epoch, samples,
+        [Candidate(pid, m.epoch, m.samples) for pid, m in received.items()],
+        own_accuracy=own_accuracy, score=score, self_key=self_key)
+    merged = [pid for pid in plan.weights if pid != self_key]
+    if merged:
+        state, plan.robust = aggregate(
+            policy.robust, model.state_dict(), plan.weights[self_key],
+            [(pid, received[pid].state, plan.weights[pid]) for pid in merged])
+        model.load_state_dict(state)
+    return plan, merged
 
 
 def neighbours(members: Sequence[str], me: str, epoch: int, fanout: int | None, seed: int

@@ -222,7 +222,7 @@ def describe(labels: np.ndarray | torch.Tensor | Sequence[int],
     return "\n".join(lines)
 
 
-def dataset_labels(dataset: Dataset) -> np.ndarray:
+def dataset_labels(dataset: Dataset[Any]) -> np.ndarray:
     """The labels of ``dataset``: a TensorDataset's second tensor, ``.targets`` (torchvision data
     sets, :class:`learner.data.ImageFiles`), a Subset of those, or else item by item."""
     if isinstance(dataset, Subset):
@@ -240,8 +240,8 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
-def split_dataset(dataset: Dataset, num: int, total: int, spec: str = "iid",
-                  seed: int = 0) -> Subset:
+def split_dataset(dataset: Dataset[Any], num: int, total: int, spec: str = "iid",
+                  seed: int = 0) -> Subset[Any]:
     """Peer ``num``'s part of ``dataset`` under the partition ``spec`` (see
     :func:`parse_partition`); logs the split at INFO. ``iid`` reads no labels."""
     scheme, options = parse_partition(spec)

@@ -89,9 +89,9 @@ def load_object(spec: str, *, search_cwd: bool = True) -> Any:
 class UserData(NamedTuple):
     """What a ``--data`` hook gave."""
 
-    train: Dataset
+    train: Dataset[Any]
     """The training set; this peer's own part when ``presplit``."""
-    test: Dataset
+    test: Dataset[Any]
     presplit: bool
     """The hook took ``(num, total)`` and split the data itself: do not partition ``train``."""
 
@@ -126,7 +126,7 @@ def _check_dataset(spec: str, what: str, dataset: object) -> None:
     if n == 0:
         raise PluginError(f"{spec}: the {what} set is empty")
     try:
-        item = dataset[0]  # type: ignore[index]
+        item = dataset[0]
     except Exception as exc:
         raise PluginError(f"{spec}: reading item 0 of the {what} set raised "
                           f"{type(exc).__name__}: {exc}") from exc
@@ -211,7 +211,7 @@ def build_from_factory(factory: Callable[[], nn.Module], seed: int | None = None
         return factory()
 
 
-def check_model_accepts(model: nn.Module, dataset: Dataset, spec: str = "the model") -> None:
+def check_model_accepts(model: nn.Module, dataset: Dataset[Any], spec: str = "the model") -> None:
     """Run the model on item 0 of ``dataset`` (a batch of one, on the CPU, without gradients)
     so that a model/data mismatch fails at start with a clear message, not mid-training."""
     x = dataset[0][0]

@@ -64,4 +64,4 @@ class Robust:
     def __str__(self) -> str:
         if self.rule in (RobustRule.TRIMMED, RobustRule.CLIP):
             return f"{self.rule.value}:{self.param:g}"
-        return self.rule.value
+        return str(self.rule.value)

@@ -7,6 +7,7 @@ StepLR with gamma 0.7 stepped once per epoch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +65,8 @@ def make_scheduler(optimizer: Optimizer, gamma: float = GAMMA) -> StepLR:
     return StepLR(optimizer, step_size=1, gamma=gamma)
 
 
-def train_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, device: torch.device,
-                progress: Progress | None = None) -> dict[str, float | int]:
+def train_epoch(model: nn.Module, loader: DataLoader[Any], optimizer: Optimizer,
+                device: torch.device, progress: Progress | None = None) -> dict[str, float | int]:
     """One pass over ``loader``; returns ``{"loss": mean per-sample loss, "samples": n}``."""
     model.train()
     total_loss = 0.0
@@ -75,7 +76,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, devi
         data, target = data.to(device), target.to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = F.nll_loss(model(data), target)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         batch_loss = loss.item()
         total_loss += batch_loss * len(target)
@@ -86,7 +87,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, devi
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float | int]:
+def evaluate(model: nn.Module, loader: DataLoader[Any], device: torch.device
+             ) -> dict[str, float | int]:
     """Returns ``{"loss": mean per-sample loss, "accuracy": percent, "samples": n}``."""
     model.eval()
     total_loss = 0.0
