@@ -1,12 +1,12 @@
 """A poisoning peer, for the robust-merge test and the ``poisoning`` benchmark; not a feature.
 
-    python -m benchmarks._attacker peer --num 3 --total 4 --rendezvous ... --attack scale:50
+    python -m testkit.attacker peer --num 3 --total 4 --rendezvous ... --attack scale:50
 
 Besides ``--attack SPEC``, the arguments are an ordinary ``peerlearn peer`` command line
-(``LocalSwarm.start_peer(..., "--attack", SPEC, module="benchmarks._attacker")``). The process
+(``LocalSwarm.start_peer(..., "--attack", SPEC, module="testkit.attacker")``). The process
 runs the real :class:`learner.peer.Peer` (a member of the job with a valid key and signatures,
 trained on its own shard, merging what it receives) but corrupts every model it *sends* and
-*serves*:
+*serves* (:meth:`Peer._outgoing`, the model copied out before it is encoded):
 
 ``scale:S``
     every floating-point entry multiplied by ``S``;
@@ -15,7 +15,7 @@ trained on its own shard, merging what it receives) but corrupts every model it 
     epoch, so runs are repeatable).
 
 Only the merge rule of the receivers can defend against it. Run it from the repository root
-(``-m benchmarks._attacker``).
+(``-m testkit.attacker``; the testkit is not installed).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import learner.peer
 from learner.convert import state_to_arrays
 from learner.peer import Peer, PeerConfig
-from overlay.wire import ModelMessage
+from overlay.models import OutgoingModel
 from peerlearn import cli
 
 log = logging.getLogger("peerlearn.attacker")
@@ -79,7 +79,7 @@ class AttackingPeer(Peer):
         super().__init__(config)
         self.attack = attack
 
-    def _outgoing(self, epoch: int) -> ModelMessage:
+    def _outgoing(self, epoch: int) -> OutgoingModel:
         honest = super()._outgoing(epoch)
         state = self.attack.corrupt(self.model.state_dict(), epoch)
         log.info("epoch %d: sending a poisoned model (%s)", epoch, self.attack)
@@ -88,8 +88,8 @@ class AttackingPeer(Peer):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        usage="python -m benchmarks._attacker peer [peerlearn peer options] --attack SPEC")
+        description=(__doc__ or "").split("\n\n")[0],
+        usage="python -m testkit.attacker peer [peerlearn peer options] --attack SPEC")
     parser.add_argument("--attack", required=True, help="scale:S or random")
     args, rest = parser.parse_known_args(argv)
     try:

@@ -358,3 +358,131 @@ def test_cache_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert os.listdir(target.parent) == ["x.npz"]
     with np.load(target, allow_pickle=False) as npz:
         assert npz["images"].shape == (2, 2)
+
+
+# ------------------------------------------------------------- the peer's exchange and events
+# (imports inside the tests: they need the overlay's model and event types)
+
+
+def _received(sender: str, epoch: int, state: dict[str, torch.Tensor], samples: int = 10
+              ) -> object:
+    from overlay.models import ReceivedModel
+
+    return ReceivedModel(sender=sender, job="j", epoch=epoch, samples=samples, codec="raw",
+                         digest=bytes([epoch]) * 32, arrays=state_to_arrays(state, copy=True))
+
+
+def test_accept_model_keeps_the_torch_state_on_the_learners_side() -> None:
+    from learner.exchange import Incoming, accept_model
+    from overlay.errors import WireError
+
+    reference = dict(build_model(0).state_dict())
+    fp = fingerprint(reference)
+    got = accept_model(_received("a", 3, reference), reference, fp)  # type: ignore[arg-type]
+    assert isinstance(got, Incoming) and (got.sender, got.epoch, got.samples) == ("a", 3, 10)
+    assert got.state.keys() == reference.keys()
+    assert all(torch.equal(got.state[k], reference[k]) for k in reference)
+    assert not any(hasattr(v, "state") for v in vars(got.model).values())  # no tensors there
+    bad = {k: v.clone() for k, v in reference.items()}
+    next(v for v in bad.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    other = dict(Net().state_dict())
+    other.pop(next(iter(other)))
+    for model, reason in ((_received("a", 1, bad), "non_finite"),
+                          (_received("a", 1, reference, samples=0), "no_samples"),
+                          (_received("a", 1, other), "model_mismatch")):
+        with pytest.raises(WireError) as info:
+            accept_model(model, reference, fp)  # type: ignore[arg-type]
+        assert info.value.reason == reason
+
+
+class _FakeHost:
+    """What the exchange uses of a Host: inbox, changed, members, send_model."""
+
+    def __init__(self, members: list[str]) -> None:
+        import asyncio
+
+        self.inbox: asyncio.Queue[object] = asyncio.Queue()
+        self.changed = asyncio.Event()
+        self.members = dict.fromkeys(members)
+        self.sent: list[tuple[str, int]] = []
+
+    async def send_model(self, peer_id: str, model: object) -> None:
+        from overlay.errors import TransportError
+
+        if peer_id == "gone":
+            raise TransportError("no route")
+        self.sent.append((peer_id, model.epoch))  # type: ignore[attr-defined]
+
+
+async def test_exchange_collects_the_newest_per_sender_and_stops_waiting_when_all_came(
+        ) -> None:
+    import asyncio
+    import time
+
+    from learner.exchange import Exchange, Incoming
+
+    host = _FakeHost(["a", "b", "c"])
+    exchange = Exchange(host, merge_wait=30.0)  # type: ignore[arg-type]
+    state = {"w": torch.zeros(2)}
+    for sender, epoch in (("a", 1), ("a", 2), ("b", 1), ("a", 1)):  # an older one comes late
+        host.inbox.put_nowait(Incoming(_received(sender, epoch, state), state))  # type: ignore[arg-type]
+
+    async def c_arrives() -> None:
+        await asyncio.sleep(0.2)
+        host.inbox.put_nowait(Incoming(_received("c", 1, state), state))  # type: ignore[arg-type]
+        host.changed.set()
+
+    arrival = asyncio.create_task(c_arrives())
+    started = time.monotonic()
+    got = await exchange.collect(1, ["a", "b", "c"])
+    await arrival
+    assert time.monotonic() - started < 10
+    assert {pid: m.epoch for pid, m in got.items()} == {"a": 2, "b": 1, "c": 1}
+    assert exchange.models_received == 5 and exchange.pending == {}
+    exchange.merged(got, ["a", "b"])
+    # a has sent epoch 2 already (merged early): for epoch 2 only b and c are waited for
+    exchange.merge_wait = 0.3
+    started = time.monotonic()
+    assert await exchange.collect(2, ["a"]) == {}
+    assert time.monotonic() - started < 0.3
+    from types import SimpleNamespace
+
+    encoded = SimpleNamespace(epoch=4, nbytes=100)  # what the exchange reads of an EncodedModel
+    exchange.send(encoded, ["a", "gone"])  # type: ignore[arg-type]
+    await exchange.finish_sends(5.0)
+    assert host.sent == [("a", 4)] and exchange.bytes_sent == 100
+    await exchange.cancel_sends()
+
+
+def test_event_log_writes_member_events_as_json_lines(tmp_path: Path) -> None:
+    import json
+
+    from learner.events import EventLog
+    from overlay.events import Left, LinkUp
+    from overlay.transport.base import LinkKind
+
+    path = tmp_path / "e.jsonl"
+    log = EventLog(str(path), 4)
+    log.member(LinkUp(peer_id="p", kind=LinkKind.WEBRTC_RELAY, connect_s=4.5))
+    log.member(Left(peer_id="p", reason="expired"))
+    log.emit("done", epoch=3)
+    log.close()
+    log.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["event"], r["num"]) for r in records] == [("link", 4), ("left", 4), ("done", 4)]
+    assert records[0]["kind"] == "webrtc-relay" and records[0]["connect_s"] == 4.5
+    assert records[1]["reason"] == "expired" and records[2]["epoch"] == 3
+    EventLog(None, 0).emit("start")  # no file: nothing written, no error
+
+
+def test_bootstrap_combines_the_donors_by_the_rule() -> None:
+    from learner.bootstrap import combine
+    from learner.exchange import Incoming
+    from learner.robust_rule import Robust
+
+    states = [{"w": torch.tensor([v])} for v in (0.0, 1.0, 10.0)]
+    donors = [Incoming(_received(f"d{i}", 2, s, samples=10 * (i + 1)), s)  # type: ignore[arg-type]
+              for i, s in enumerate(states)]
+    mean = combine(donors, Robust())
+    assert torch.allclose(mean["w"], torch.tensor([(0 * 10 + 1 * 20 + 10 * 30) / 60]))
+    assert torch.equal(combine(donors, Robust.parse("median"))["w"], torch.tensor([1.0]))

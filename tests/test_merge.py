@@ -110,3 +110,34 @@ def test_pairs_are_symmetric_over_members_order() -> None:
     members = ["c", "a", "d", "b", "e"]
     for perm in itertools.islice(itertools.permutations(members), 5):
         assert neighbours(list(perm), "a", 3, 2, 9) == neighbours(members, "a", 3, 2, 9)
+
+
+def test_merge_received_merges_by_the_plan_and_restore_loads_the_training_state(
+        tmp_path: Path) -> None:
+    import torch
+
+    from learner.merge import merge_received
+    from learner.model import build_model
+    from learner.train import make_optimizer, make_scheduler
+
+    class _In:  # what the merge reads of a received model
+        def __init__(self, epoch: int, state: dict[str, torch.Tensor]) -> None:
+            self.epoch, self.samples, self.state = epoch, 100, state
+
+    model = build_model(1)
+    other = {k: (v + 1 if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan, merged = merge_received(MergePolicy(), model, 1, 100, {"x": _In(1, other)},
+                                  self_key="me", val_loader=None, device=torch.device("cpu"))
+    assert merged == ["x"] and plan.weights == {"me": 0.5, "x": 0.5}
+    name = next(k for k, v in before.items() if v.is_floating_point())
+    assert torch.allclose(model.state_dict()[name], before[name] + 0.5)
+    optimizer, scheduler = make_optimizer(model), make_scheduler(make_optimizer(model))
+    path = tmp_path / "c.ckpt"
+    checkpoint.save_training(path, 5, 3, "fp", model, optimizer, scheduler)
+    fresh = build_model(2)
+    ckpt = checkpoint.restore(path, "fp", fresh, make_optimizer(fresh),
+                              make_scheduler(make_optimizer(fresh)))
+    assert ckpt is not None and (ckpt.epoch, ckpt.epochs_trained) == (5, 3)
+    assert torch.equal(fresh.state_dict()[name], model.state_dict()[name])
+    assert checkpoint.restore(path, "other", fresh, optimizer, scheduler) is None
