@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from examples.my_data import load  # noqa: E402
 from examples.my_model import factory  # noqa: E402
-from learner import PeerConfig, run_peer  # noqa: E402
+from learner import DataConfig, NetworkConfig, PeerConfig, TrainConfig, run_peer  # noqa: E402
 
 
 def main() -> int:
@@ -37,16 +37,15 @@ def main() -> int:
 
     train_set, test_set = load()
     config = PeerConfig(
-        num=args.num,
-        total=args.total,
-        rendezvous=args.rendezvous,
-        listen="127.0.0.1:0",  # reachable over ZeroMQ on this machine; port 0 picks one
-        job="my-mlp",  # peers of one job train the same model
-        model_factory=factory,
-        train_set=train_set,  # these replace --dataset; the peer keeps its partition's part
-        test_set=test_set,
-        partition=args.partition,
-        epochs=args.epochs,
+        args.num,
+        args.total,
+        args.rendezvous,
+        # these replace --dataset; the peer keeps its partition's part
+        data=DataConfig(train_set=train_set, test_set=test_set, partition=args.partition),
+        train=TrainConfig(model_factory=factory, epochs=args.epochs),
+        # reachable over ZeroMQ on this machine (port 0 picks one); peers of one job train
+        # the same model. Fields can also be given flat: PeerConfig(..., epochs=3, job="x").
+        network=NetworkConfig(listen="127.0.0.1:0", job="my-mlp"),
     )
     result = asyncio.run(run_peer(config))
     print(result)
