@@ -8,12 +8,9 @@ port it got (``--ready-file``), so nothing guesses a free port. The test kit's
 
 from __future__ import annotations
 
-import argparse
-import functools
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,16 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 log = logging.getLogger(__name__)
 
 Wrap = Callable[[list[str]], list[str]]
 """Turns an argv into the argv that runs it elsewhere (e.g. inside a network namespace)."""
-
-_LISTENING = re.compile(r"rendezvous listening on http://[^\s:]+:(\d+)")
-_STUN_LISTENING = re.compile(r"STUN listening on udp [^\s:]+:(\d+)")
-
 
 @dataclass
 class Launch:
@@ -44,16 +37,6 @@ class Launch:
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", self.module, *self.args]
         return self.wrap(argv) if self.wrap is not None else argv
-
-
-@functools.cache
-def _rendezvous_has_ready_file() -> bool:
-    """Whether ``peerlearn rendezvous`` takes ``--ready-file`` (else the log line is read)."""
-    from rendezvous.options import add_arguments
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return any("--ready-file" in action.option_strings for action in parser._actions)
 
 
 def _set_flag(args: list[str], flag: str, value: str) -> list[str]:
@@ -80,7 +63,7 @@ class Launcher:
         self.launches: dict[str, Launch] = {}
         self._logs: list[IO[bytes]] = []
 
-    def __enter__(self) -> Launcher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -118,17 +101,15 @@ class Launcher:
         ``launches["rendezvous"]`` names those ports, so a restart binds the same ones."""
         ready = self.workdir / "rendezvous.ready"
         ready.unlink(missing_ok=True)
-        use_ready_file = _rendezvous_has_ready_file()
-        if use_ready_file:
-            launch = Launch(launch.name, _set_flag(launch.args, "--ready-file", str(ready)),
-                            launch.module, launch.wrap)
+        launch = Launch(launch.name, _set_flag(launch.args, "--ready-file", str(ready)),
+                        launch.module, launch.wrap)
         seen = len(self.log("rendezvous"))  # a restart appends to the same log
         proc = self.rendezvous = self.spawn(launch)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"rendezvous exited: {self.log('rendezvous')[seen:][-2000:]}")
-            ports = self._ready_ports(ready) if use_ready_file else self._logged_ports(seen)
+            ports = self._ready_ports(ready)
             if ports is not None:
                 self.rendezvous_port, self.stun_port = ports
                 args = _set_flag(launch.args, "--port", str(self.rendezvous_port))
@@ -147,13 +128,6 @@ class Launcher:
             return None  # not written yet (it is written atomically)
         stun = ready.get("stun_port")
         return int(ready["port"]), int(stun) if stun else None
-
-    def _logged_ports(self, seen: int) -> tuple[int, int | None] | None:
-        text = self.log("rendezvous")[seen:]
-        if (found := _LISTENING.search(text)) is None:
-            return None
-        stun = _STUN_LISTENING.search(text)
-        return int(found.group(1)), int(stun.group(1)) if stun else None
 
     def peer_args(self, num: int, total: int, epochs: int, *extra: str,
                   threads: int | None = 1, listen: str | None = "127.0.0.1:0") -> list[str]:

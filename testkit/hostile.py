@@ -166,7 +166,9 @@ class _Builder:
 
     def _header(self, **fields: Any) -> bytes:
         base = {k: v for k, v in self.model_header.items() if k not in fields}
-        return msgpack.packb({**base, "request_id": self._rid(), **fields}, use_bin_type=True)
+        packed: bytes = msgpack.packb({**base, "request_id": self._rid(), **fields},
+                                      use_bin_type=True)
+        return packed
 
     def _bytes(self, n: int) -> bytes:
         return self.rng.randbytes(n)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from rendezvous.stun import Class, Message, Method
 from testkit import natlab
-from testkit.natlab import Host, NatLab, NatType, binding_address
+from testkit.natlab import Host, NatLab, NatType
 
 QUIET = 0.5  # how long an unsolicited datagram gets to (not) arrive
 
@@ -183,24 +182,6 @@ def test_coturn_answers_stun_from_behind_a_nat() -> None:
         mapped = home.host.stun_binding(turn.ip)
         assert mapped is not None and mapped[0] == home.public_ip
     assert proc.popen.poll() is not None  # stopped with the lab
-
-
-def test_binding_address_reads_a_recorded_response() -> None:
-    """The lab asks STUN with the rendezvous's codec; a hand-built Binding success with
-    XOR-MAPPED-ADDRESS 203.0.113.7:40000 (RFC 8489 section 14.2) reads back."""
-    tid = bytes(range(12))
-    request = bytes(Message(Method.BINDING, Class.REQUEST, tid))
-    assert len(request) == 20 and request[8:] == tid
-    xport = 40000 ^ 0x2112
-    xaddr = int.from_bytes(bytes([203, 0, 113, 7]), "big") ^ 0x2112A442
-    attr = (0x0020).to_bytes(2, "big") + (8).to_bytes(2, "big") + b"\x00\x01"
-    attr += xport.to_bytes(2, "big") + xaddr.to_bytes(4, "big")
-    response = b"\x01\x01" + len(attr).to_bytes(2, "big") + request[4:] + attr
-    assert binding_address(response, tid) == ("203.0.113.7", 40000)
-    with pytest.raises(ValueError, match="transaction id"):
-        binding_address(response, bytes(12))
-    with pytest.raises(ValueError, match="bytes, a STUN header is 20"):
-        binding_address(response[:10], tid)
 
 
 def test_available_gives_a_reason_without_root(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,13 +22,13 @@ spoken with the rendezvous's own codec (``rendezvous.stun``). The modules:
 """
 
 from testkit.natlab.coturn import start_coturn
-from testkit.natlab.hosts import Datagram, Home, Host, Process, UdpAgent, binding_address
+from testkit.natlab.hosts import Datagram, Home, Host, Process, UdpAgent
 from testkit.natlab.lab import GATEWAY_IP, STATE_DIR, NatLab, teardown, teardown_all
 from testkit.natlab.rules import NatType, loss_ruleset, nat_ruleset
 from testkit.natlab.system import NatLabError, available
 
 __all__ = [
     "GATEWAY_IP", "STATE_DIR", "Datagram", "Home", "Host", "NatLab", "NatLabError", "NatType",
-    "Process", "UdpAgent", "available", "binding_address", "loss_ruleset", "nat_ruleset",
+    "Process", "UdpAgent", "available", "loss_ruleset", "nat_ruleset",
     "start_coturn", "teardown", "teardown_all",
 ]

@@ -4,7 +4,6 @@ behind it), daemons, and UDP agents — sockets inside a namespace driven from h
 from __future__ import annotations
 
 import queue
-import secrets
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from rendezvous.stun import Class, Message, Method, StunParseError, parse_message
+from rendezvous.stun import binding_request, parse_binding_response
 from testkit.natlab.rules import NatType
 from testkit.natlab.system import NatLabError, python_env, terminate
 
@@ -69,28 +68,13 @@ class Host:
         self, server_ip: str, port: int = 3478, timeout: float = 2.0
     ) -> tuple[str, int] | None:
         """Ask a STUN server, from this namespace, which address it sees; None on no answer."""
-        request = Message(Method.BINDING, Class.REQUEST, secrets.token_bytes(12))
+        request = binding_request()
         out = self.check_output(
             [sys.executable, "-c", ONESHOT_SRC, server_ip, str(port), str(timeout),
-             bytes(request).hex()],
+             request.hex()],
             timeout=timeout + 10,
         ).strip()
-        return binding_address(bytes.fromhex(out), request.transaction_id) if out else None
-
-
-def binding_address(data: bytes, transaction_id: bytes) -> tuple[str, int]:
-    """The XOR-MAPPED-ADDRESS of a STUN Binding success response to ``transaction_id``
-    (parsed by the rendezvous's own STUN code); ValueError saying what is wrong."""
-    message = parse_message(data)
-    if (message.method, message.message_class) != (Method.BINDING, Class.RESPONSE):
-        raise StunParseError("not_binding_success", "not a Binding success response")
-    if message.transaction_id != transaction_id:
-        raise StunParseError("transaction_id", "STUN transaction id does not match the request")
-    mapped = message.attributes.get("XOR-MAPPED-ADDRESS")
-    if mapped is None:
-        raise StunParseError("no_address", "STUN Binding response has no XOR-MAPPED-ADDRESS")
-    ip, port = mapped
-    return str(ip), int(port)
+        return parse_binding_response(bytes.fromhex(out), request[8:20]) if out else None
 
 
 class Home:
