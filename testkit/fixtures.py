@@ -17,18 +17,20 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from overlay.host import Host, HostConfig
-from overlay.identity import Identity
-from overlay.rendezvous_client import RendezvousClient
 from rendezvous import RendezvousConfig
 from rendezvous.server import RendezvousServer, run_rendezvous
 from testkit.natlab import Host as LabHost
 from testkit.natlab import NatLab, available
 from testkit.swarm import LocalSwarm
+
+if TYPE_CHECKING:  # imported where used: a lab test does not need the overlay to import
+    from overlay.host import Host
+    from overlay.identity import Identity
+    from overlay.rendezvous_client import RendezvousClient
 
 FAST_RENDEZVOUS: Mapping[str, float] = {"ttl": 2.0, "heartbeat_interval": 0.5,
                                         "dialback_timeout": 1.0, "join_timeout": 2.0}
@@ -62,6 +64,9 @@ async def running_client(rendezvous: RendezvousServer | str, identity: Identity 
                          **kw: Any) -> AsyncIterator[RendezvousClient]:
     """A started rendezvous client (a fresh identity unless given), closed on exit; ``kw``
     goes to :class:`RendezvousClient` (``reconnect``, ``membership``, ...)."""
+    from overlay.identity import Identity
+    from overlay.rendezvous_client import RendezvousClient
+
     url = rendezvous if isinstance(rendezvous, str) else rendezvous.url
     client = RendezvousClient(url, identity or Identity.generate(), job, list(addrs),
                               dict(meta or {}), backoff_initial=backoff_initial, **kw)
@@ -87,6 +92,9 @@ async def running_host(rendezvous: RendezvousServer | str, *, identity: Identity
     ``listen=None``: not reachable), closed on exit. ``config``: further :class:`HostConfig`
     fields (``send_timeout``, ``membership``, ...). ``accept`` turns each received model into
     what lands in ``inbox`` (default: the received model itself)."""
+    from overlay.host import Host, HostConfig
+    from overlay.identity import Identity
+
     host_config = HostConfig(rendezvous=_url(rendezvous), job=job, listen=listen, **config)
     ident = identity or Identity.generate()
     if "accept" in inspect.signature(Host.__init__).parameters:  # contract H

@@ -25,7 +25,6 @@ import contextlib
 import re
 import secrets
 import socket
-import struct
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -34,11 +33,12 @@ from typing import Any
 import msgpack
 import pytest
 
-from overlay.host import Host, HostConfig
 from overlay.identity import Identity
 from overlay.rendezvous_client import RendezvousClient
 from overlay.transport.zeromq import ZmqTransport
 from overlay.wire import FrameType, encode_control
+from rendezvous.stun import binding_request
+from testkit.fixtures import running_host
 from testkit.hostile import (
     BlastResult,
     blast_rendezvous,
@@ -68,14 +68,10 @@ def vm_rss(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def stun_request() -> tuple[bytes, bytes]:
-    tid = secrets.token_bytes(12)
-    return struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, tid), tid
-
-
 async def stun_answers(port: int, source: str) -> bool:
     """A valid Binding request from ``source`` gets a success response with its transaction id."""
-    request, tid = stun_request()
+    request = binding_request()
+    tid = request[8:20]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((source, 0))
         sock.setblocking(False)
@@ -205,47 +201,45 @@ async def test_training_peer_survives_zmq_and_webrtc_blasts(swarm: LocalSwarm,
     swarm.start_rendezvous()
     peer = swarm.start_peer(0, 4, 3, "--linger", "20")
     template = await asyncio.to_thread(cnn_template)
-    host = Host(Identity.generate(), HostConfig(rendezvous=f"127.0.0.1:{swarm.rendezvous_port}",
-                                                job="mnist", listen=None, connect_timeout=20))
-    await host.start()
     marker = tmp_path / "pwned"
     watcher = asyncio.create_task(rss_at_epochs(swarm, peer))
     try:
-        async with asyncio.timeout(240):  # baseline: one epoch trained, model and data in memory
-            while not (swarm.events(0, "epoch") and host.members):
-                assert peer.poll() is None, swarm.log("peer-0")[-3000:]
-                await asyncio.sleep(0.2)
-        (peer_id, member), = host.members.items()
-        address = member["addrs"][0]
-        assert host.webrtc is not None
-        link = await host.webrtc.connect(peer_id)
-        as_member, as_stranger, chunks = BlastResult(), BlastResult(), BlastResult()
-        for round_ in range(2):  # the same again: memory that grows with the load would show
-            # ZeroMQ, as a member (reaches the digest and the validator) and as a stranger
-            r = await blast_zmq(address, member["public_key"], 500, identity=host.identity,
-                                job="mnist", template=template, marker=marker, seed=round_,
-                                quiet=5.0)
-            as_member = merged(as_member, r)
-            r = await blast_zmq(address, member["public_key"], 150, job="mnist",
-                                marker=marker, seed=10 + round_, quiet=5.0)
-            as_stranger = merged(as_stranger, r)
-            # the WebRTC data channel of a real link, with the link's own low-level send
-            r = await blast_webrtc(link, 100, identity=host.identity, job="mnist",
-                                   marker=marker, seed=20 + round_)
-            chunks = merged(chunks, r)
+        async with running_host(f"127.0.0.1:{swarm.rendezvous_port}", job="mnist", listen=None,
+                                connect_timeout=20) as host:
+            # baseline: one epoch trained, model and data in memory
+            async with asyncio.timeout(240):
+                while not (swarm.events(0, "epoch") and host.members):
+                    assert peer.poll() is None, swarm.log("peer-0")[-3000:]
+                    await asyncio.sleep(0.2)
+            (peer_id, member), = host.members.items()
+            address = member["addrs"][0]
+            assert host.webrtc is not None
+            link = await host.webrtc.connect(peer_id)
+            as_member, as_stranger, chunks = BlastResult(), BlastResult(), BlastResult()
+            for round_ in range(2):  # the same again: memory growing with the load would show
+                # ZeroMQ, as a member (reaches the digest and the validator) and as a stranger
+                r = await blast_zmq(address, member["public_key"], 500, identity=host.identity,
+                                    job="mnist", template=template, marker=marker, seed=round_,
+                                    quiet=5.0)
+                as_member = merged(as_member, r)
+                r = await blast_zmq(address, member["public_key"], 150, job="mnist",
+                                    marker=marker, seed=10 + round_, quiet=5.0)
+                as_stranger = merged(as_stranger, r)
+                # the WebRTC data channel of a real link, with the link's own low-level send
+                r = await blast_webrtc(link, 100, identity=host.identity, job="mnist",
+                                       marker=marker, seed=20 + round_)
+                chunks = merged(chunks, r)
 
-        # still answering on both transports
-        for exchange in (host._exchange, host.webrtc.request):
-            rid = secrets.token_hex(4)
-            header, _ = await exchange(peer_id, [encode_control(FrameType.PING,
-                                                                request_id=rid)], rid, 30)
-            assert header["type"] == FrameType.PONG.value
-        assert peer.poll() is None, "the blast outlasted the peer: raise its --linger"
+            # still answering on both transports
+            for exchange in (host._exchange, host.webrtc.request):
+                rid = secrets.token_hex(4)
+                header, _ = await exchange(peer_id, [encode_control(FrameType.PING,
+                                                                    request_id=rid)], rid, 30)
+                assert header["type"] == FrameType.PONG.value
+            assert peer.poll() is None, "the blast outlasted the peer: raise its --linger"
     except BaseException:
         watcher.cancel()
         raise
-    finally:
-        await host.close()
 
     assert await asyncio.to_thread(swarm.wait_peers, 300) == {0: 0}, swarm.log("peer-0")[-3000:]
     rss = await watcher

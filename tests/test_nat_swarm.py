@@ -4,27 +4,15 @@ ZeroMQ peer. The rendezvous (with its STUN server) and coturn run on the lab's "
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-from testkit.natlab import NatLab, NatType, available
+from testkit.fixtures import LabSwarm
+from testkit.natlab import NatType
 from testkit.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 
-TURN_SECRET = "lab-secret"  # noqa: S105 (a throwaway secret for a lab that lives seconds)
 EPOCHS = 2
-
-
-@pytest.fixture
-def lab() -> Iterator[NatLab]:
-    reason = available(coturn=True)
-    if reason is not None:
-        pytest.skip(reason)
-    with NatLab() as lab:
-        yield lab
 
 
 def _run(swarm: LocalSwarm, peers: list[tuple[object, str | None]]) -> dict[int, str]:
@@ -50,39 +38,36 @@ def _assert_everyone_merged_everyone(swarm: LocalSwarm, ids: dict[int, str]) -> 
             assert set(record["merged_from"]) == others, (num, record)
 
 
-def test_two_port_restricted_nats_connect_directly(lab: NatLab, tmp_path: Path) -> None:
-    with LocalSwarm(tmp_path) as swarm:
-        swarm.start_lab_services(lab, TURN_SECRET)
-        homes = [lab.add_home(f"h{i}", NatType.PORT_RESTRICTED) for i in range(2)]
-        ids = _run(swarm, [(home.host, None) for home in homes])
-        for num in range(2):
-            assert _links(swarm, num) == {ids[1 - num]: "webrtc-direct"}
-        _assert_everyone_merged_everyone(swarm, ids)
+def test_two_port_restricted_nats_connect_directly(lab_services: LabSwarm) -> None:
+    lab, swarm = lab_services.lab, lab_services.swarm
+    homes = [lab.add_home(f"h{i}", NatType.PORT_RESTRICTED) for i in range(2)]
+    ids = _run(swarm, [(home.host, None) for home in homes])
+    for num in range(2):
+        assert _links(swarm, num) == {ids[1 - num]: "webrtc-direct"}
+    _assert_everyone_merged_everyone(swarm, ids)
 
 
-def test_two_symmetric_nats_connect_through_turn(lab: NatLab, tmp_path: Path) -> None:
-    with LocalSwarm(tmp_path) as swarm:
-        swarm.start_lab_services(lab, TURN_SECRET)
-        homes = [lab.add_home(f"s{i}", NatType.SYMMETRIC) for i in range(2)]
-        ids = _run(swarm, [(home.host, None) for home in homes])
-        for num in range(2):
-            assert _links(swarm, num) == {ids[1 - num]: "webrtc-relay"}
-        _assert_everyone_merged_everyone(swarm, ids)
+def test_two_symmetric_nats_connect_through_turn(lab_services: LabSwarm) -> None:
+    lab, swarm = lab_services.lab, lab_services.swarm
+    homes = [lab.add_home(f"s{i}", NatType.SYMMETRIC) for i in range(2)]
+    ids = _run(swarm, [(home.host, None) for home in homes])
+    for num in range(2):
+        assert _links(swarm, num) == {ids[1 - num]: "webrtc-relay"}
+    _assert_everyone_merged_everyone(swarm, ids)
 
 
-def test_mixed_swarm_public_zmq_peer_and_two_natted_peers(lab: NatLab, tmp_path: Path) -> None:
-    with LocalSwarm(tmp_path) as swarm:
-        swarm.start_lab_services(lab, TURN_SECRET)
-        public = lab.add_public_host("pub")
-        cone = lab.add_home("pr", NatType.PORT_RESTRICTED)
-        sym = lab.add_home("sy", NatType.SYMMETRIC)
-        ids = _run(swarm, [(public, f"{public.ip}:6000"), (cone.host, None), (sym.host, None)])
-        # towards the public peer everyone uses ZeroMQ; the public peer reaches the NATed ones
-        # over WebRTC, directly (its own address needs no punching); the two NATed peers need
-        # the relay (symmetric x port-restricted)
-        assert _links(swarm, 0) == {ids[1]: "webrtc-direct", ids[2]: "webrtc-direct"}
-        assert _links(swarm, 1)[ids[0]] == "zmq"
-        assert _links(swarm, 2)[ids[0]] == "zmq"
-        assert _links(swarm, 1)[ids[2]] == "webrtc-relay"
-        assert _links(swarm, 2)[ids[1]] == "webrtc-relay"
-        _assert_everyone_merged_everyone(swarm, ids)
+def test_mixed_swarm_public_zmq_peer_and_two_natted_peers(lab_services: LabSwarm) -> None:
+    lab, swarm = lab_services.lab, lab_services.swarm
+    public = lab.add_public_host("pub")
+    cone = lab.add_home("pr", NatType.PORT_RESTRICTED)
+    sym = lab.add_home("sy", NatType.SYMMETRIC)
+    ids = _run(swarm, [(public, f"{public.ip}:6000"), (cone.host, None), (sym.host, None)])
+    # towards the public peer everyone uses ZeroMQ; the public peer reaches the NATed ones
+    # over WebRTC, directly (its own address needs no punching); the two NATed peers need
+    # the relay (symmetric x port-restricted)
+    assert _links(swarm, 0) == {ids[1]: "webrtc-direct", ids[2]: "webrtc-direct"}
+    assert _links(swarm, 1)[ids[0]] == "zmq"
+    assert _links(swarm, 2)[ids[0]] == "zmq"
+    assert _links(swarm, 1)[ids[2]] == "webrtc-relay"
+    assert _links(swarm, 2)[ids[1]] == "webrtc-relay"
+    _assert_everyone_merged_everyone(swarm, ids)

@@ -17,17 +17,12 @@ from pathlib import Path
 import pytest
 
 from testkit import natlab
+from testkit.fixtures import nat_lab, skip_unless_lab
 from testkit.natlab import Host, NatLab, NatType
 
 QUIET = 0.5  # how long an unsolicited datagram gets to (not) arrive
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _skip_unless_available(coturn: bool = False) -> None:
-    reason = natlab.available(coturn=coturn)
-    if reason is not None:
-        pytest.skip(reason)
 
 
 @dataclass
@@ -40,8 +35,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    _skip_unless_available()
-    with NatLab() as lab:
+    with nat_lab() as lab:
         r1, r2, stranger = (lab.add_public_host(n) for n in ("r1", "r2", "stranger"))
         lab.reflector(r1, 7000)
         lab.reflector(r2, 7000)
@@ -133,7 +127,7 @@ def test_loss_drops_packets_on_the_wan(world: World) -> None:
 
 
 def test_teardown_removes_everything_even_when_the_body_raises(tmp_path: Path) -> None:
-    _skip_unless_available()
+    skip_unless_lab()
     links_before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     with pytest.raises(RuntimeError, match="boom"), NatLab(state_dir=tmp_path) as lab:
         home = lab.add_home("home", NatType.SYMMETRIC)
@@ -155,7 +149,7 @@ def test_teardown_removes_everything_even_when_the_body_raises(tmp_path: Path) -
 
 
 def test_cli_up_and_down() -> None:
-    _skip_unless_available()
+    skip_unless_lab()
     name = f"plabcli{secrets.token_hex(2)}"
     run = [sys.executable, "-m", "testkit.natlab"]
     up = subprocess.run([*run, "up", "--name", name, "--homes", "full-cone", "--public", "1"],
@@ -173,8 +167,7 @@ def test_cli_up_and_down() -> None:
 
 
 def test_coturn_answers_stun_from_behind_a_nat() -> None:
-    _skip_unless_available(coturn=True)
-    with NatLab() as lab:
+    with nat_lab(coturn=True) as lab:
         turn = lab.add_server("turn")
         home = lab.add_home("home", NatType.PORT_RESTRICTED)
         proc = lab.start_coturn(turn, "s3cret", min_port=49160, max_port=49170)

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from testkit.natlab import NatLab, NatType, available
+from testkit.fixtures import lab_swarm
+from testkit.natlab import NatType, available
 from testkit.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
@@ -177,22 +178,18 @@ def test_soak_churn_rendezvous_restart_and_loss_in_the_nat_lab(tmp_path: Any) ->
         pytest.skip(f"NAT-lab soak (5 % loss on a NAT path) cannot run here: {reason}; "
                     "test_soak_churn_on_loopback runs the churn part instead")
     rng = random.Random(SEED)
-    with NatLab() as lab, LocalSwarm(tmp_path) as swarm:
-        try:
-            swarm.start_lab_services(lab, TURN_SECRET)
-            public = lab.add_public_host("pub")
-            lossy = lab.add_home("lossy", NatType.PORT_RESTRICTED)
-            home = lab.add_home("home", NatType.PORT_RESTRICTED)
-            lab.loss(lossy, 5)
-            for num, (host, listen) in enumerate(
-                    [(public, f"{public.ip}:6000"), (lossy.host, None), (home.host, None)]):
-                swarm.start_peer(num, PARTS, _epochs(num), *_flags(num), host=host, listen=listen)
-            soak = _run_schedule(swarm, rng)
-            rejected = _check(soak)
-            dropped = lab.loss_dropped(lossy)
-        except BaseException:
-            _print_logs(swarm)
-            raise
+    with lab_swarm(tmp_path, turn_secret=TURN_SECRET) as services:  # logs printed on an error
+        lab, swarm = services.lab, services.swarm
+        public = lab.add_public_host("pub")
+        lossy = lab.add_home("lossy", NatType.PORT_RESTRICTED)
+        home = lab.add_home("home", NatType.PORT_RESTRICTED)
+        lab.loss(lossy, 5)
+        for num, (host, listen) in enumerate(
+                [(public, f"{public.ip}:6000"), (lossy.host, None), (home.host, None)]):
+            swarm.start_peer(num, PARTS, _epochs(num), *_flags(num), host=host, listen=listen)
+        soak = _run_schedule(swarm, rng)
+        rejected = _check(soak)
+        dropped = lab.loss_dropped(lossy)
     assert dropped["in"] > 0 and dropped["out"] > 0, dropped  # the loss rule did bite
     print(f"soak: loss dropped {dropped}, rejected {rejected}")
 
@@ -207,7 +204,3 @@ def test_soak_churn_on_loopback(swarm: LocalSwarm) -> None:
     rejected = _check(_run_schedule(swarm, rng))
     print(f"soak (loopback, no loss rule): rejected {rejected}")
 
-
-def _print_logs(swarm: LocalSwarm) -> None:
-    for path in sorted(swarm.workdir.glob("*.log")):
-        print(f"\n===== {path.name} =====\n{path.read_text(errors='replace')[-6000:]}")
