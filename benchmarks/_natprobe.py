@@ -34,7 +34,7 @@ from overlay.errors import TransportError  # noqa: E402
 from overlay.host import Host, HostConfig  # noqa: E402
 from overlay.identity import Identity  # noqa: E402
 from overlay.rendezvous_client import RendezvousClient  # noqa: E402
-from overlay.wire import ModelMessage, NamedArray  # noqa: E402
+from overlay.wire import NamedArray  # noqa: E402
 
 log = logging.getLogger("natprobe")
 
@@ -77,10 +77,15 @@ async def wait_member(members: Any, timeout: float) -> str | None:
 # ---- ours: overlay.host.Host --------------------------------------------------------------
 
 
+def _host(config: HostConfig) -> Host[Any]:
+    """A host that keeps what it receives as the checked model itself."""
+    return Host(Identity.generate(), config, {}, accept=lambda model: model)
+
+
 async def ours_send(args: argparse.Namespace) -> None:
     config = HostConfig(rendezvous=args.rendezvous, job=args.job, listen=args.listen,
                         connect_timeout=args.connect_timeout, send_timeout=120.0)
-    host = Host(Identity.generate(), config)
+    host = _host(config)
     await host.start()
     result: dict[str, Any] = {"role": "ours-send", "kind": None, "connect_s": None,
                               "times": [], "bytes": 0}
@@ -89,25 +94,25 @@ async def ours_send(args: argparse.Namespace) -> None:
         if peer is None:
             result["error"] = f"the receiver did not join within {args.join_timeout} s"
             return
+        from overlay.models import OutgoingModel
+
         arrays = model_arrays()
         for i in range(args.rounds):
-            msg = ModelMessage(job=args.job, sender=host.peer_id, epoch=i + 1, samples=1000,
-                               arrays=arrays)
-            frames, request_id = host.encode(msg)  # encoded outside the timing
-            result["bytes"] = msg.nbytes
+            encoded = await host.encode(OutgoingModel(  # encoded outside the timing
+                job=args.job, sender=host.peer_id, epoch=i + 1, samples=1000, arrays=arrays))
+            result["bytes"] = encoded.nbytes
             started = time.perf_counter()
             try:
-                await host.send_model(peer, frames, request_id)
+                await host.send_model(peer, encoded)
             except TransportError as exc:
                 result["error"] = f"round {i + 1}: {exc}"
                 return
             elapsed = time.perf_counter() - started
-            if i == 0:
-                link = host.links.get(peer, {})
-                result["kind"] = link.get("kind")
-                result["connect_s"] = link.get("connect_s")
+            if i == 0 and (link := host.links.get(peer)) is not None:
+                result["kind"] = str(link.kind)
+                result["connect_s"] = link.connect_s
                 # the first delivery set the link up: its transfer is what came after
-                elapsed -= float(link.get("connect_s") or 0.0)
+                elapsed -= float(link.connect_s)
             result["times"].append(round(elapsed, 4))
     finally:
         emit(result)
@@ -117,7 +122,7 @@ async def ours_send(args: argparse.Namespace) -> None:
 async def ours_recv(args: argparse.Namespace) -> None:
     config = HostConfig(rendezvous=args.rendezvous, job=args.job, listen=args.listen,
                         connect_timeout=args.connect_timeout)
-    host = Host(Identity.generate(), config)
+    host = _host(config)
     await host.start()
     received = 0
     seen = False
