@@ -35,6 +35,7 @@ import pytest
 
 from overlay.identity import Identity
 from overlay.rendezvous_client import RendezvousClient
+from overlay.transport.base import StaticDirectory
 from overlay.transport.zeromq import ZmqTransport
 from overlay.wire import FrameType, encode_control
 from rendezvous.stun import binding_request
@@ -149,17 +150,20 @@ async def test_nack_of_an_undecodable_header_carries_the_request_id() -> None:
     """A peer of another wire version (or a garbled one) learns why at once instead of waiting
     for its timeout: the nack names the request_id that the refused header carried."""
     server, client = Identity.generate(), Identity.generate()
-    a = ZmqTransport(server, "tcp://127.0.0.1:0", _never)
-    b = ZmqTransport(client, None, _never)
-    address = await a.start()
-    assert address is not None
+    directory = StaticDirectory()
+    a = ZmqTransport(server, "tcp://127.0.0.1:0", _never, directory=directory)
+    b = ZmqTransport(client, None, _never, directory=directory)
+    await a.start()
+    assert a.address is not None
+    directory.add(server.peer_id, server.public_key, a.address)
+    directory.add(client.peer_id, client.public_key)
     try:
         for header, reason in [({"v": 2, "type": "model"}, "bad_version"),
                                ({"v": 1, "type": "exec"}, "malformed")]:
             rid = secrets.token_hex(4)
             frame = msgpack.packb({**header, "request_id": rid}, use_bin_type=True)
             reply, _ = await asyncio.wait_for(
-                b.request(address, server.public_key, [frame], rid, timeout=60), 20)
+                b.request(server.peer_id, [frame], rid, timeout=60), 20)
             assert reply["type"] == "nack" and reply["reason"] == reason
             assert reply["request_id"] == rid
         assert a.stats.rejected == {"bad_version": 1, "malformed": 1}
@@ -212,17 +216,17 @@ async def test_training_peer_survives_zmq_and_webrtc_blasts(swarm: LocalSwarm,
                     assert peer.poll() is None, swarm.log("peer-0")[-3000:]
                     await asyncio.sleep(0.2)
             (peer_id, member), = host.members.items()
-            address = member["addrs"][0]
+            address = member.addrs[0]
             assert host.webrtc is not None
             link = await host.webrtc.connect(peer_id)
             as_member, as_stranger, chunks = BlastResult(), BlastResult(), BlastResult()
             for round_ in range(2):  # the same again: memory growing with the load would show
                 # ZeroMQ, as a member (reaches the digest and the validator) and as a stranger
-                r = await blast_zmq(address, member["public_key"], 500, identity=host.identity,
+                r = await blast_zmq(address, member.public_key, 500, identity=host.identity,
                                     job="mnist", template=template, marker=marker, seed=round_,
                                     quiet=5.0)
                 as_member = merged(as_member, r)
-                r = await blast_zmq(address, member["public_key"], 150, job="mnist",
+                r = await blast_zmq(address, member.public_key, 150, job="mnist",
                                     marker=marker, seed=10 + round_, quiet=5.0)
                 as_stranger = merged(as_stranger, r)
                 # the WebRTC data channel of a real link, with the link's own low-level send
