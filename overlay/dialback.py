@@ -145,7 +145,8 @@ def answer_probe(identity: Identity, header: dict[str, Any]) -> bytes | None:
         "public_key": identity.public_key,
         "signature": identity.sign(DOMAIN_DIALBACK + nonce + addr.encode()),
     }
-    return msgpack.packb(reply, use_bin_type=True)
+    packed: bytes = msgpack.packb(reply, use_bin_type=True)
+    return packed
 
 
 __all__ = ["answer_probe", "check_probe_reply", "dial_back"]

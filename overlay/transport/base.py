@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, Self
 
+from overlay.identity import curve_public_key_from_ed25519
+
 Frames = Sequence[bytes | memoryview]
 """One message: the wire format's header frame, then its payload frames."""
 Reply = tuple[dict[str, Any], list[memoryview]]
@@ -75,7 +77,7 @@ class Transport(abc.ABC):
     """Short name used in logs and refusal counters: ``zmq`` or ``webrtc``."""
     stats: TransportStats
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (optional: not every transport listens)
         """Start listening / serving (default: nothing to start)."""
 
     @abc.abstractmethod
@@ -112,3 +114,28 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def link_kind(self, peer_id: str) -> LinkKind | None:
         """The kind of the open link to ``peer_id``; None while there is none."""
+
+
+class StaticDirectory:
+    """A :class:`Directory` held in a table: for tests, benchmarks and tools that know their
+    peers beforehand (the host answers from its membership instead)."""
+
+    def __init__(self) -> None:
+        self._members: dict[str, tuple[bytes, str | None]] = {}
+        self._by_curve_key: dict[bytes, str] = {}
+
+    def add(self, peer_id: str, public_key: bytes, address: str | None = None) -> None:
+        """Record member ``peer_id`` with its Ed25519 key and its ZeroMQ address, if any."""
+        self._members[peer_id] = (public_key, address)
+        self._by_curve_key[curve_public_key_from_ed25519(public_key)] = peer_id
+
+    def address_of(self, peer_id: str) -> str | None:
+        member = self._members.get(peer_id)
+        return member[1] if member is not None else None
+
+    def public_key_of(self, peer_id: str) -> bytes | None:
+        member = self._members.get(peer_id)
+        return member[0] if member is not None else None
+
+    def peer_of_curve_key(self, curve_public_key: bytes) -> str | None:
+        return self._by_curve_key.get(curve_public_key)

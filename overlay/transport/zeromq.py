@@ -23,18 +23,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
 
 import zmq
 import zmq.asyncio
 
-from overlay.dialback import answer_probe
 from overlay.errors import TransportError, WireError
 from overlay.identity import Identity, curve_public_key_from_ed25519
-from overlay.transport.base import Frames, Handler, TransportStats
-from overlay.wire import FrameType, Limits, decode_header, nack_for
+from overlay.transport.base import (
+    Directory,
+    Frames,
+    Handler,
+    LinkKind,
+    Reply,
+    Transport,
+    TransportStats,
+)
+from overlay.transport.serving import TaskSet, max_frame, max_parts, serve_request
+from overlay.wire import Limits, decode_header
 
 log = logging.getLogger(__name__)
 
@@ -43,29 +50,28 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"peerlearn"
 ZAP_VERSION = b"1.0"
 
-PeerOf = Callable[[bytes], str | None]
-"""peer_of(curve_public_key) -> the peer id of the member holding that key, or None."""
-
-
-def _nobody(_curve_public_key: bytes) -> str | None:
-    return None
-
-
 @dataclass
 class _Link:
+    peer_id: str
     address: str
     server_key: bytes
     """The CURVE key the listener at ``address`` must hold."""
     socket: zmq.asyncio.Socket
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    forgotten: bool = False
+    """The peer left while a request held the link: dropped once that request ends."""
 
 
-class ZmqTransport:
+class ZmqTransport(Transport):
     """Listens on ``listen`` (``tcp://HOST:PORT``; port 0 picks one) unless it is None.
 
-    ``peer_of`` maps the CURVE public key a request came from to the member holding it
-    (the handler's ``origin``); without it every origin is None (unknown).
+    ``directory`` gives each peer's verified address and Ed25519 key (``request`` dials that
+    address and expects the CURVE key derived from that key), and maps the CURVE public key
+    a request came from to the member holding it (the handler's ``origin``).
+    ``max_concurrent`` bounds the requests being handled at once.
     """
+
+    name: ClassVar[str] = "zmq"
 
     def __init__(
         self,
@@ -74,41 +80,39 @@ class ZmqTransport:
         handler: Handler,
         limits: Limits = Limits(),
         *,
+        directory: Directory,
         max_concurrent: int = 4,
-        peer_of: PeerOf = _nobody,
     ) -> None:
         self.identity = identity
         self.listen = listen
         self.limits = limits
+        self.directory = directory
         self.address: str | None = None
+        """The bound address once started (None when not listening)."""
         self.stats = TransportStats()
         self._handler = handler
-        self._peer_of = peer_of
         self._ctx = zmq.asyncio.Context()
         self._router: zmq.asyncio.Socket | None = None
         self._zap: zmq.asyncio.Socket | None = None
-        self._links: dict[tuple[str, bytes], _Link] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._links: dict[str, _Link] = {}
+        self._retired: list[_Link] = []  # dropped while a request held them
+        self._tasks = TaskSet("zmq")
         self._serve_task: asyncio.Task[None] | None = None
         self._zap_task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(max_concurrent)
         self._closed = False
 
-    @property
-    def _max_frame(self) -> int:
-        return self.limits.max_total_bytes + self.limits.max_header_bytes
-
-    async def start(self) -> str | None:
-        if self.listen is None:
-            return None
+    async def start(self) -> None:
+        if self.listen is None or self._closed:
+            return
         # The ZAP handler first: a handshake that finds none is let through unauthenticated.
         self._zap = self._ctx.socket(zmq.REP)
         self._zap.setsockopt(zmq.LINGER, 0)
         self._zap.bind(ZAP_ENDPOINT)
-        self._zap_task = asyncio.create_task(self._authenticate(self._zap), name="zmq-zap")
+        self._zap_task = self._tasks.spawn(self._authenticate(self._zap), "zmq-zap")
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, self._max_frame)
+        router.setsockopt(zmq.MAXMSGSIZE, max_frame(self.limits))
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.CURVE_SERVER, 1)
         router.setsockopt(zmq.CURVE_SECRETKEY, self.identity.curve_secret_key)
@@ -121,21 +125,18 @@ class ZmqTransport:
             raise TransportError(f"cannot listen on {self.listen}: {exc}") from exc
         self._router = router
         self.address = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._serve_task = asyncio.create_task(self._serve(), name="zmq-serve")
+        self._serve_task = self._tasks.spawn(self._serve(), "zmq-serve")
         log.info("listening on %s", self.address)
-        return self.address
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        tasks = [t for t in [self._serve_task, self._zap_task, *self._tasks] if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for link in self._links.values():
+        await self._tasks.close()
+        for link in [*self._links.values(), *self._retired]:
             link.socket.close(linger=0)
         self._links.clear()
+        self._retired.clear()
         for sock in (self._router, self._zap):
             if sock is not None:
                 sock.close(linger=0)
@@ -170,7 +171,7 @@ class ZmqTransport:
             return None
         if not key:
             return None
-        return self._peer_of(key)
+        return self.directory.peer_of_curve_key(key)
 
     # ---- receiving -------------------------------------------------------------------------
 
@@ -178,18 +179,18 @@ class ZmqTransport:
         """One multipart message, or None if it broke the part-count limit (drained)."""
         parts: list[zmq.Frame] = [await sock.recv(copy=False)]
         over = False
-        max_parts = self.limits.max_arrays + 3
+        most = max_parts(self.limits)
         while parts[-1].more:
             frame = await sock.recv(copy=False)
             if over:
                 parts[-1] = frame  # keep draining without keeping anything
                 continue
             parts.append(frame)
-            if len(parts) > max_parts:
+            if len(parts) > most:
                 over = True
         if over:
             self.stats.reject("too_many_parts")
-            log.warning("rejected a message: too_many_parts: more than %d parts", max_parts)
+            log.warning("rejected a message: too_many_parts: more than %d parts", most)
             return None
         return parts
 
@@ -200,15 +201,8 @@ class ZmqTransport:
             if parts is None or len(parts) < 2:
                 continue
             await self._slots.acquire()
-            task = asyncio.create_task(self._handle(parts))
-            self._tasks.add(task)
-            task.add_done_callback(self._handled)
-
-    def _handled(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("handler failed", exc_info=task.exception())
+            task = self._tasks.spawn(self._handle(parts), "zmq-handle")
+            task.add_done_callback(lambda _task: self._slots.release())
 
     async def _handle(self, parts: list[zmq.Frame]) -> None:
         assert self._router is not None
@@ -216,20 +210,9 @@ class ZmqTransport:
         payloads = [p.buffer for p in rest]
         self.stats.messages_in += 1
         self.stats.bytes_in += sum(len(p) for p in payloads) + len(head)
-        reply: Frames | None
-        request_id: Any = None
-        try:
-            header = decode_header(head.buffer, self.limits)
-            request_id = header.get("request_id")
-            if header["type"] == FrameType.PROBE.value:
-                probe_reply = answer_probe(self.identity, header)
-                reply = [probe_reply] if probe_reply is not None else None
-            else:
-                reply = await self._handler(header, payloads, self._origin(head))
-        except WireError as exc:
-            self.stats.reject(exc.reason)
-            log.warning("rejected a message: %s", exc)
-            reply = [nack_for(exc, request_id, head.buffer, self.limits)]
+        reply = await serve_request(head.buffer, payloads, self._origin(head),
+                                    handler=self._handler, limits=self.limits,
+                                    stats=self.stats, probe_identity=self.identity)
         if reply is None:
             return
         try:
@@ -239,82 +222,112 @@ class ZmqTransport:
 
     # ---- sending ---------------------------------------------------------------------------
 
-    def _link(self, address: str, server_key: bytes) -> _Link:
-        link = self._links.get((address, server_key))
-        if link is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a connection that isn't up
-            sock.setsockopt(zmq.MAXMSGSIZE, self._max_frame)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, self.identity.curve_secret_key)
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.identity.curve_public_key)
-            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
-            sock.connect(address)
-            link = self._links[(address, server_key)] = _Link(address, server_key, sock)
-        return link
-
-    def _drop_link(self, link: _Link) -> None:
-        """Close a link whose state is unknown (timeout): discards anything still queued."""
-        key = (link.address, link.server_key)
-        if self._links.get(key) is link:
-            del self._links[key]
-        link.socket.close(linger=0)
-
-    async def request(
-        self, address: str, public_key: bytes, frames: Frames, request_id: str,
-        timeout: float,
-    ) -> tuple[dict[str, Any], list[memoryview]]:
-        """Send ``frames`` to the peer with Ed25519 ``public_key`` at ``address`` and wait for
-        the reply carrying ``request_id``.
-
-        ``timeout`` bounds the whole exchange (CURVE handshake, sending, the remote's work,
-        the reply). Raises TransportError on timeout (a listener that does not hold the
-        peer's key never completes the handshake: that is a timeout too) or a
-        refused/garbled reply; a ``nack`` is returned as a header like any other reply.
-        """
-        if self._closed:
-            raise TransportError("transport closed")
+    def _link(self, peer_id: str) -> _Link:
+        """The DEALER to ``peer_id`` at the address the directory has for it now."""
+        address = self.directory.address_of(peer_id)
+        public_key = self.directory.public_key_of(peer_id)
+        if address is None or public_key is None:
+            raise TransportError(f"{peer_id}: no verified ZeroMQ address")
         try:
             server_key = curve_public_key_from_ed25519(public_key)
         except ValueError as exc:
             raise TransportError(f"{address}: unusable peer key ({exc})") from exc
-        link = self._link(address, server_key)
-        deadline = time.monotonic() + timeout
-        async with link.lock:
-            sent = False
-            try:
-                await asyncio.wait_for(link.socket.send_multipart(frames, copy=False), timeout)
-                sent = True
-                self.stats.messages_out += 1
-                self.stats.bytes_out += sum(len(f) for f in frames)
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    parts = await asyncio.wait_for(self._recv_bounded(link.socket), remaining)
-                    if not parts:
-                        continue
-                    header = decode_header(parts[0].buffer, self.limits)
-                    if header.get("request_id") == request_id:
-                        return header, [p.buffer for p in parts[1:]]
-                    log.debug("dropping a stale reply from %s", address)
-            except TimeoutError:
-                self._drop_link(link)
-                if not sent:  # IMMEDIATE: a send waits for a connection whose handshake is done
-                    raise TransportError(
-                        f"{address}: no CURVE handshake within {timeout:.1f} s (nobody "
-                        "listening, or the listener does not hold the expected peer's key)"
-                    ) from None
-                raise TransportError(f"{address}: no reply within {timeout:.1f} s") from None
-            except WireError as exc:
-                self._drop_link(link)
-                raise TransportError(f"{address}: bad reply ({exc})") from exc
-            except zmq.ZMQError as exc:
-                self._drop_link(link)
-                raise TransportError(f"{address}: {exc}") from exc
+        link = self._links.get(peer_id)
+        if link is not None and (link.address, link.server_key) != (address, server_key):
+            self._retire(link)  # the peer moved, or its key changed
+            link = None
+        if link is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a connection that isn't up
+            sock.setsockopt(zmq.MAXMSGSIZE, max_frame(self.limits))
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.identity.curve_secret_key)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.identity.curve_public_key)
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+            sock.connect(address)
+            link = self._links[peer_id] = _Link(peer_id, address, server_key, sock)
+        return link
 
-    def forget(self, address: str) -> None:
-        """Close the links to a peer that left."""
-        for link in [link for link in self._links.values() if link.address == address]:
-            if not link.lock.locked():
+    def _drop_link(self, link: _Link) -> None:
+        """Close a link whose state is unknown (timeout): discards anything still queued."""
+        if self._links.get(link.peer_id) is link:
+            del self._links[link.peer_id]
+        link.socket.close(linger=0)
+
+    def link_kind(self, peer_id: str) -> LinkKind | None:
+        return LinkKind.ZMQ if peer_id in self._links else None
+
+    async def request(
+        self, peer_id: str, frames: Frames, request_id: str, *, timeout: float
+    ) -> Reply:
+        """Send ``frames`` to ``peer_id`` at its verified address and wait for the reply
+        carrying ``request_id``.
+
+        ``timeout`` bounds the whole exchange (CURVE handshake, sending, the remote's work,
+        the reply). Raises TransportError when the directory has no address or key for the
+        peer, on timeout (a listener that does not hold the peer's key never completes the
+        handshake: that is a timeout too) or a refused/garbled reply; a ``nack`` is returned
+        as a header like any other reply.
+        """
+        if self._closed:
+            raise TransportError("transport closed")
+        link = self._link(peer_id)
+        try:
+            async with link.lock:
+                return await self._exchange(link, frames, request_id, timeout)
+        finally:
+            if link.forgotten:
                 self._drop_link(link)
+                self._retired = [r for r in self._retired if r is not link]
+
+    async def _exchange(self, link: _Link, frames: Frames, request_id: str,
+                        timeout: float) -> Reply:
+        address = link.address
+        deadline = time.monotonic() + timeout
+        sent = False
+        try:
+            await asyncio.wait_for(link.socket.send_multipart(frames, copy=False), timeout)
+            sent = True
+            self.stats.messages_out += 1
+            self.stats.bytes_out += sum(len(f) for f in frames)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                parts = await asyncio.wait_for(self._recv_bounded(link.socket), remaining)
+                if not parts:
+                    continue
+                header = decode_header(parts[0].buffer, self.limits)
+                if header.get("request_id") == request_id:
+                    return header, [p.buffer for p in parts[1:]]
+                log.debug("dropping a stale reply from %s", address)
+        except TimeoutError:
+            self._drop_link(link)
+            if not sent:  # IMMEDIATE: a send waits for a connection whose handshake is done
+                raise TransportError(
+                    f"{address}: no CURVE handshake within {timeout:.1f} s (nobody "
+                    "listening, or the listener does not hold the expected peer's key)"
+                ) from None
+            raise TransportError(f"{address}: no reply within {timeout:.1f} s") from None
+        except WireError as exc:
+            self._drop_link(link)
+            raise TransportError(f"{address}: bad reply ({exc})") from exc
+        except zmq.ZMQError as exc:
+            self._drop_link(link)
+            raise TransportError(f"{address}: {exc}") from exc
+
+    async def forget(self, peer_id: str) -> None:
+        """Close the link to a peer that left (once a request that holds it ends)."""
+        link = self._links.get(peer_id)
+        if link is not None:
+            self._retire(link)
+
+    def _retire(self, link: _Link) -> None:
+        """Drop ``link`` now, or when the request that holds it ends."""
+        if self._links.get(link.peer_id) is link:
+            del self._links[link.peer_id]
+        if link.lock.locked():
+            link.forgotten = True
+            self._retired.append(link)
+        else:
+            link.socket.close(linger=0)
