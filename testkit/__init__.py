@@ -1,4 +1,5 @@
-"""Test tooling for peerlearn: the NAT lab, the local swarm of processes, hostile-frame
-generators and the poisoning attacker. Used by the tests and the benchmarks of this checkout;
-not part of the installed ``peerlearn`` wheel (``pyproject.toml`` lists only the product's
-packages)."""
+"""Test tooling for peerlearn: the NAT lab (``testkit.natlab``), the local swarm of processes
+(``testkit.swarm``), shared fixtures (``testkit.fixtures``), hostile-frame generators
+(``testkit.hostile``) and the poisoning attacker (``testkit.attacker``). Used by the tests and
+the benchmarks of this checkout, run from its root; not part of the installed ``peerlearn``
+wheel (``pyproject.toml`` lists only the product's packages)."""
