@@ -30,6 +30,7 @@ import zmq
 from learner.convert import arrays_to_state, state_to_arrays
 from learner.model import build_model
 from overlay.identity import Identity
+from overlay.transport.base import StaticDirectory
 from overlay.transport.zeromq import ZmqTransport
 from overlay.wire import FrameType, Limits, ModelMessage, decode_model, encode_control, encode_model
 
@@ -58,8 +59,10 @@ def ours_receiver(kind: str, sender_key: bytes, ready: mp.Queue) -> None:
             assert len(state) == len(reference)
             return [encode_control(FrameType.ACK, request_id=msg.request_id, digest=msg.digest)]
 
-        transport = ZmqTransport(identity, "tcp://127.0.0.1:0", handle, LIMITS)
-        ready.put((await transport.start(), identity.public_key))
+        transport = ZmqTransport(identity, "tcp://127.0.0.1:0", handle, LIMITS,
+                                 directory=StaticDirectory())
+        await transport.start()
+        ready.put((transport.address, identity.public_key))
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -107,15 +110,16 @@ def time_ours(kind: str, repeats: int) -> list[float]:
         async def no_requests(header, payloads, origin):  # type: ignore[no-untyped-def]
             return None
 
-        transport = ZmqTransport(identity, None, no_requests, LIMITS)
+        directory = StaticDirectory()  # the one peer we send to, where it listens
+        directory.add("receiver", receiver_key, address)
+        transport = ZmqTransport(identity, None, no_requests, LIMITS, directory=directory)
         times = []
         for i in range(repeats + 1):
             started = time.perf_counter()
             msg = ModelMessage(job="bench", sender=identity.peer_id, epoch=i, samples=1,
                                arrays=state_to_arrays(state), request_id=f"r{i}")
             frames = encode_model(msg, identity)
-            header, _ = await transport.request(address, receiver_key, frames, f"r{i}",
-                                                timeout=120)
+            header, _ = await transport.request("receiver", frames, f"r{i}", timeout=120)
             assert header["type"] == "ack", header
             if i:  # the first one warms up the connection
                 times.append(time.perf_counter() - started)

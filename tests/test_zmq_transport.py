@@ -1,6 +1,9 @@
-"""ZmqTransport over real sockets on loopback: addressing, timeouts, refusals, dial-back, close.
+"""ZmqTransport over real sockets on loopback: addressing, handshake timeouts, libzmq's size
+limit, dial-back, close.
 
-(CURVE itself, origins and strangers: tests/test_curve.py.)"""
+(What every transport does -- round trip, refusals, limits, timeouts, vanishing peers,
+concurrency, close -- is in tests/test_transport_contract.py; CURVE itself, origins and
+strangers: tests/test_curve.py.)"""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from zmq.utils.monitor import parse_monitor_message
 from overlay.dialback import dial_back
 from overlay.errors import TransportError
 from overlay.identity import Identity
-from overlay.transport.base import Frames, Handler
+from overlay.transport.base import Frames, Handler, StaticDirectory
 from overlay.transport.zeromq import ZmqTransport
 from overlay.wire import (
     FrameType,
@@ -82,16 +85,18 @@ async def no_handler(header: dict[str, Any], payloads: list[memoryview],
     raise AssertionError("a sender-only transport got a request")
 
 
+DIRECTORY = StaticDirectory()
+"""Every transport of this module is a member of it, with its bound address."""
+
+
 @contextlib.asynccontextmanager
 async def transport(handler: Handler = no_handler, listen: str | None = LOOPBACK,
                     limits: Limits = Limits(),
                     identity: Identity | None = None) -> AsyncIterator[ZmqTransport]:
-    t = ZmqTransport(identity or Identity.generate(), listen, handler, limits)
-    await t.start()
-    try:
+    identity = identity or Identity.generate()
+    async with ZmqTransport(identity, listen, handler, limits, directory=DIRECTORY) as t:
+        DIRECTORY.add(identity.peer_id, identity.public_key, t.address)
         yield t
-    finally:
-        await t.close()
 
 
 def curve_dealer(ctx: zmq.asyncio.Context, server: Identity) -> zmq.asyncio.Socket:
@@ -135,13 +140,11 @@ async def test_each_model_reaches_the_peer_it_is_addressed_to(order: str,
                                                               concurrent: bool) -> None:
     rec_b, rec_c = Recorder(), Recorder()
     async with transport(rec_b) as b, transport(rec_c) as c, transport(listen=None) as a:
-        address = {"B": b.address, "C": c.address}
-        key = {"B": b.identity.public_key, "C": c.identity.public_key}
+        peer = {"B": b.identity.peer_id, "C": c.identity.peer_id}
 
         async def send(seq: int, to: str) -> None:
             frames, request_id, msg = addressed_model(to, seq)
-            assert address[to] is not None
-            header, _ = await a.request(address[to], key[to], frames, request_id, timeout=5.0)
+            header, _ = await a.request(peer[to], frames, request_id, timeout=5.0)
             assert header["type"] == FrameType.ACK.value
             assert header["request_id"] == request_id
             assert header["digest"] == msg.digest
@@ -189,11 +192,12 @@ async def test_the_prototype_single_dealer_misdelivers() -> None:
 async def test_nobody_listening_times_out_drops_the_link_and_recovers() -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
     peer = Identity.generate()
+    DIRECTORY.add(peer.peer_id, peer.public_key, address)
     async with transport(listen=None) as a:
         frames, request_id, _ = addressed_model("B", 0)
         started = time.monotonic()
         with pytest.raises(TransportError, match="handshake"):
-            await a.request(address, peer.public_key, frames, request_id, timeout=0.5)
+            await a.request(peer.peer_id, frames, request_id, timeout=0.5)
         assert time.monotonic() - started < 0.5 + 1.0
         assert not a._links
 
@@ -201,51 +205,12 @@ async def test_nobody_listening_times_out_drops_the_link_and_recovers() -> None:
         async with transport(rec, listen=address, identity=peer) as b:
             assert b.address == address
             frames, request_id, _ = addressed_model("B", 1)
-            header, _ = await a.request(address, peer.public_key, frames, request_id,
-                                        timeout=5.0)
+            header, _ = await a.request(peer.peer_id, frames, request_id, timeout=5.0)
             assert header["type"] == FrameType.ACK.value
             assert rec.got == [(1, "B")]
 
 
-async def test_nack_comes_back_as_a_header_and_is_counted() -> None:
-    rec = Recorder(known=lambda _: None)  # nobody is a member
-    async with transport(rec) as b, transport(listen=None) as a:
-        assert b.address is not None
-        frames, request_id, _ = addressed_model("B", 0)
-        started = time.monotonic()
-        header, payloads = await a.request(b.address, b.identity.public_key, frames, request_id,
-                                           timeout=5.0)
-        assert time.monotonic() - started < 2.0  # matched by request_id, not a timeout
-        assert header["type"] == FrameType.NACK.value
-        assert header["reason"] == "unknown_sender"
-        assert header["request_id"] == request_id
-        assert payloads == []
-        assert b.stats.rejected == {"unknown_sender": 1}
-        assert rec.got == []
-
-
 # ---- hostile input --------------------------------------------------------------------------
-
-
-async def test_too_many_parts_is_rejected_and_serving_goes_on() -> None:
-    limits = Limits(max_arrays=4)
-    rec = Recorder()
-    async with transport(rec, limits=limits) as b, transport(listen=None) as a, \
-            raw_context() as ctx:
-        assert b.address is not None
-        dealer = curve_dealer(ctx, b.identity)
-        dealer.connect(b.address)
-        await dealer.send_multipart([b"x"] * (limits.max_arrays + 3))  # + routing id: too many
-        await eventually(lambda: b.stats.rejected.get("too_many_parts") == 1)
-        assert rec.calls == 0
-        assert await dealer.poll(200) == 0  # dropped without a reply
-
-        frames, request_id, _ = addressed_model("B", 7)
-        header, _ = await a.request(b.address, b.identity.public_key, frames, request_id,
-                                    timeout=5.0)
-        assert header["type"] == FrameType.ACK.value
-        assert rec.got == [(7, "B")]
-        assert b.stats.rejected == {"too_many_parts": 1}
 
 
 async def test_frame_over_maxmsgsize_drops_the_connection_and_serving_goes_on() -> None:
@@ -271,8 +236,7 @@ async def test_frame_over_maxmsgsize_drops_the_connection_and_serving_goes_on() 
 
         frames, request_id, _ = addressed_model("B", 3)
         assert sum(len(f) for f in frames) < 1000
-        header, _ = await a.request(b.address, b.identity.public_key, frames, request_id,
-                                    timeout=5.0)
+        header, _ = await a.request(b.identity.peer_id, frames, request_id, timeout=5.0)
         assert header["type"] == FrameType.ACK.value
         assert rec.got == [(3, "B")]
 
@@ -290,8 +254,8 @@ async def test_dial_back_against_a_real_transport() -> None:
         assert not b.stats.rejected
 
 
-async def test_close_is_idempotent_and_cancels_serving() -> None:
-    t = ZmqTransport(Identity.generate(), LOOPBACK, Recorder())
+async def test_close_cancels_serving_and_a_sender_only_transport_closes_too() -> None:
+    t = ZmqTransport(Identity.generate(), LOOPBACK, Recorder(), directory=DIRECTORY)
     await t.start()
     task, zap = t._serve_task, t._zap_task
     assert task is not None and not task.done()
@@ -300,11 +264,20 @@ async def test_close_is_idempotent_and_cancels_serving() -> None:
     assert task.cancelled() and zap.cancelled()
     await t.close()
     assert t.address is not None
-    with pytest.raises(TransportError):
-        frames, request_id, _ = addressed_model("B", 0)
-        await t.request(t.address, t.identity.public_key, frames, request_id, timeout=1.0)
 
-    sender_only = ZmqTransport(Identity.generate(), None, Recorder())
-    assert await sender_only.start() is None
+    sender_only = ZmqTransport(Identity.generate(), None, Recorder(), directory=DIRECTORY)
+    await sender_only.start()
+    assert sender_only.address is None
     await sender_only.close()
     await sender_only.close()
+
+
+async def test_a_peer_the_directory_cannot_reach_fails_at_once() -> None:
+    stranger = Identity.generate()
+    DIRECTORY.add(stranger.peer_id, stranger.public_key)  # a member without an address
+    async with transport(listen=None) as a:
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="no verified ZeroMQ address"):
+            await a.request(stranger.peer_id, [encode_control(FrameType.PING)], "x", timeout=5)
+        assert time.monotonic() - started < 1
+        assert a.link_kind(stranger.peer_id) is None
