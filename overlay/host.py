@@ -1,31 +1,37 @@
 """The host: a peer's presence in the overlay.
 
-It owns the rendezvous session (membership view) and the transports, and offers the learner
-three things: ``send_model`` to one peer, ``fetch_model`` from one peer, and an inbox of
-verified models pushed to us. It knows nothing about torch.
+It owns the rendezvous session (membership view), the transports and the connection manager
+(``overlay.connections``), and offers the learner: ``encode`` a model once, ``send_model`` it
+to one peer, ``publish`` it for the peers that ask (newcomers), ``fetch_model`` from one peer,
+and an ``inbox`` of models pushed to us. Every model received or fetched is decoded and
+checked (digest, signature, limits) and handed to the learner's ``accept`` in a worker thread;
+what ``accept`` returns is what the learner gets. Wire frames and request ids stay in here;
+the host knows nothing about torch.
 
-Connection manager: towards a peer whose ZeroMQ address the rendezvous verified, we use
-ZeroMQ; towards any other peer a WebRTC data channel (ICE finds a direct path through the
-NATs or falls back to the TURN relay). The first exchange on a link is a ``ping``; its round
-trip is the link's set-up time. A link that fails is retried with exponential back-off. Each
-link's kind (zmq, webrtc-direct, webrtc-relay) and set-up time are logged and reported to the
-rendezvous (``GET /peers`` shows them).
+The host is the transports' :class:`overlay.transport.base.Directory`: a member's verified
+address, its Ed25519 key, and the member a CURVE key belongs to (a forward map, kept for the
+members we know: no key conversion runs backwards).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, Generic, TypeVar, cast, overload
 
+from overlay.connections import Connections, link_report
 from overlay.errors import SignalError, TransportError, WireError
-from overlay.identity import Identity, ed25519_candidates_from_curve, peer_id_from_public_key
-from overlay.membership import JobPolicy
+from overlay.events import Joined, LinkUp, MemberEvent
+from overlay.identity import Identity, curve_public_key_from_ed25519
+from overlay.membership import JobPolicy, Member
+from overlay.models import EncodedModel, OutgoingModel, ReceivedModel
+from overlay.protocol import SignalKind
 from overlay.rendezvous_client import RendezvousClient
 from overlay.signaling import SignalGuard, seal
 from overlay.transport.base import Frames
@@ -43,11 +49,9 @@ from overlay.wire import (
 
 log = logging.getLogger(__name__)
 
-# validator(msg) raises WireError to refuse a model (wrong architecture, NaN, ...).
-Validator = Callable[[ModelMessage], None]
-# on_member_event(kind, peer_id, detail): "joined" (detail: member map), "left" (detail: reason)
-# or "link" (detail: {"kind", "connect_s"}).
-MemberListener = Callable[[str, str, Any], None]
+T = TypeVar("T")
+MemberListener = Callable[[MemberEvent], None]
+"""on_member_event(event): Joined, Left or LinkUp (overlay.events)."""
 
 
 @dataclass
@@ -82,59 +86,110 @@ class HostConfig:
     ``rendezvous.refused_members``."""
 
 
-@dataclass
-class _Backoff:
-    delay: float
-    not_before: float
+class HostState(enum.StrEnum):
+    NEW = "new"
+    STARTED = "started"
+    CLOSED = "closed"
 
 
-class Host:
+_TRANSITIONS: dict[HostState, frozenset[HostState]] = {
+    HostState.NEW: frozenset({HostState.STARTED, HostState.CLOSED}),
+    HostState.STARTED: frozenset({HostState.CLOSED}),
+    HostState.CLOSED: frozenset(),
+}
+
+
+def _as_is(model: ReceivedModel) -> ReceivedModel:
+    return model
+
+
+class Host(Generic[T]):
+    """One peer in one job. ``accept(model)`` runs in a worker thread for every model
+    received or fetched: it raises ``WireError(reason, message)`` to refuse the model
+    (counted, nacked, logged) and returns the learner's own object otherwise."""
+
+    @overload
+    def __init__(self: Host[ReceivedModel], identity: Identity, config: HostConfig,
+                 meta: Mapping[str, Any] | None = None, accept: None = None,
+                 on_member_event: MemberListener | None = None) -> None: ...
+
+    @overload
+    def __init__(self, identity: Identity, config: HostConfig, meta: Mapping[str, Any] | None,
+                 accept: Callable[[ReceivedModel], T],
+                 on_member_event: MemberListener | None = None) -> None: ...
+
     def __init__(
         self,
         identity: Identity,
         config: HostConfig,
-        meta: dict[str, Any] | None = None,
-        validator: Validator | None = None,
+        meta: Mapping[str, Any] | None = None,
+        accept: Callable[[ReceivedModel], T] | None = None,
         on_member_event: MemberListener | None = None,
     ) -> None:
         self.identity = identity
         self.config = config
         self.meta = dict(meta or {})
-        self.inbox: asyncio.Queue[ModelMessage] = asyncio.Queue()
+        self.inbox: asyncio.Queue[T] = asyncio.Queue()
         self.changed = asyncio.Event()  # set whenever the inbox or the membership changes
-        self.links: dict[str, dict[str, Any]] = {}  # peer id -> {"kind", "connect_s"}
-        self._validator = validator
+        self._accept = accept if accept is not None else cast(Callable[[ReceivedModel], T],
+                                                               _as_is)
         self._on_member_event = on_member_event
-        self._current: tuple[dict[str, Any], list[memoryview], ModelMessage] | None = None
+        self._current: EncodedModel | None = None
         self.transport = ZmqTransport(identity, config.listen, self._on_message, config.limits,
-                                      peer_of=self._member_with_curve_key)
+                                      directory=self)
         self.webrtc: WebRtcTransport | None = None
         self.rendezvous: RendezvousClient | None = None
+        self.connections: Connections | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._connecting: dict[str, asyncio.Task[None]] = {}
-        self._backoff: dict[str, _Backoff] = {}
-        self._closed = False
-        self._signal_guard = SignalGuard(identity.peer_id, config.job, self._public_key_of)
+        self._peer_of_curve: dict[bytes, str] = {}
+        self._curve_of: dict[str, bytes] = {}
+        self.state = HostState.NEW
+        self._signal_guard = SignalGuard(identity.peer_id, config.job, self.public_key_of)
         """Opens the sealed signals addressed to us (overlay.signaling)."""
+
+    def _set_state(self, new: HostState) -> None:
+        old = self.state
+        if new not in _TRANSITIONS[old]:
+            raise RuntimeError(f"host {self.peer_id}: {old} -> {new} is not allowed")
+        self.state = new
+        log.debug("host %s: %s -> %s", self.peer_id[:8], old, new)
 
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id
 
     @property
-    def members(self) -> dict[str, dict[str, Any]]:
+    def members(self) -> Mapping[str, Member]:
+        """The admitted members of our job (ourselves excluded)."""
         return self.rendezvous.members if self.rendezvous is not None else {}
 
-    async def start(self) -> dict[str, Any]:
-        bound = await self.transport.start()
+    @property
+    def links(self) -> Mapping[str, LinkUp]:
+        """The open links, by peer id."""
+        return self.connections.links if self.connections is not None else {}
+
+    async def __aenter__(self) -> Host[T]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self.state is not HostState.NEW:
+            raise RuntimeError("a Host is started once")
+        await self.transport.start()
+        bound = self.transport.address
         addrs = [self.config.advertise or bound] if bound else []
         self.rendezvous = RendezvousClient(
             self.config.rendezvous, self.identity, self.config.job, addrs, self.meta,
             membership=self.config.membership,
         )
         try:
-            welcome = await self.rendezvous.start()
+            await self.rendezvous.start()
         except BaseException:
+            self._set_state(HostState.CLOSED)
             await self.transport.close()
             raise
         if addrs and not self.rendezvous.reachable_addrs:
@@ -146,20 +201,28 @@ class Host:
             ice_transport_policy=self.config.ice_transport_policy,
             connect_timeout=self.config.connect_timeout,
         )
+        self.connections = Connections(
+            self, self.transport, self.webrtc,
+            connect_timeout=self.config.connect_timeout,
+            backoff_initial=self.config.backoff_initial, backoff_max=self.config.backoff_max,
+            on_link_up=self._link_up,
+        )
         self._tasks = [
             asyncio.create_task(self._watch_membership(), name="membership"),
             asyncio.create_task(self._pump_signals(), name="signals"),
         ]
-        return welcome
+        self._set_state(HostState.STARTED)
 
     async def close(self) -> None:
-        if self._closed:
+        """Leave the job, stop the tasks and close the transports; safe to call twice."""
+        if self.state is HostState.CLOSED:
             return
-        self._closed = True
-        tasks = [*self._tasks, *self._connecting.values()]
-        for task in tasks:
+        self._set_state(HostState.CLOSED)
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.connections is not None:
+            await self.connections.close()
         if self.rendezvous is not None:
             await self.rendezvous.close(leave=True)
         if self.webrtc is not None:
@@ -169,36 +232,29 @@ class Host:
     # ---- membership and signaling ----------------------------------------------------------
 
     async def _watch_membership(self) -> None:
-        assert self.rendezvous is not None
-        addresses = {pid: self.address_of(pid) for pid in self.members}
+        assert self.rendezvous is not None and self.connections is not None
         while True:
-            kind, peer_id, detail = self._unpack_event(await self.rendezvous.events.get())
-            if kind == "joined":
-                addresses[peer_id] = self.address_of(peer_id)
-                log.info("peer joined: %s (%s)", peer_id, addresses[peer_id] or "behind NAT")
+            event = await self.rendezvous.events.get()
+            if isinstance(event, Joined):
+                log.info("peer joined: %s (%s)", event.peer_id,
+                         event.member.address or "behind NAT")
             else:
-                log.info("peer left: %s (%s)", peer_id, detail)
-                await self._forget(peer_id, addresses.pop(peer_id, None))
-            self._notify(kind, peer_id, detail)
+                log.info("peer left: %s (%s)", event.peer_id, event.reason)
+                curve = self._curve_of.pop(event.peer_id, None)
+                if curve is not None:
+                    self._peer_of_curve.pop(curve, None)
+                await self.connections.forget(event.peer_id)
+            self._notify(event)
             self.changed.set()
 
-    async def _forget(self, peer_id: str, address: str | None) -> None:
-        self.links.pop(peer_id, None)
-        self._backoff.pop(peer_id, None)
-        if address is not None:
-            self.transport.forget(address)
-        if self.webrtc is not None:
-            await self.webrtc.forget(peer_id)
-
-    def _notify(self, kind: str, peer_id: str, detail: Any) -> None:
+    def _notify(self, event: MemberEvent) -> None:
         if self._on_member_event is not None:
-            self._on_member_event(kind, peer_id, detail)
+            self._on_member_event(event)
 
-    @staticmethod
-    def _unpack_event(event: tuple[Any, ...]) -> tuple[str, str, Any]:
-        if event[0] == "joined":
-            return "joined", event[1]["peer_id"], event[1]
-        return event[0], event[1], event[2]
+    async def _link_up(self, link: LinkUp) -> None:
+        self._notify(link)
+        if self.rendezvous is not None:
+            await self.rendezvous.report_links(link_report(self.links))
 
     async def _pump_signals(self) -> None:
         assert self.rendezvous is not None and self.webrtc is not None
@@ -215,134 +271,39 @@ class Host:
             except Exception:  # one bad signal must not stop the pump
                 log.exception("signal %s from %s failed", kind, sender)
 
-    async def _send_signal(self, to: str, kind: str, body: dict[str, Any]) -> None:
+    async def _send_signal(self, to: str, kind: SignalKind, body: dict[str, Any]) -> None:
         """What the WebRTC transport sends to ``to``, sealed (overlay.signaling), relayed."""
         assert self.rendezvous is not None
         await self.rendezvous.send_signal(to, kind, seal(self.identity, to, self.config.job,
                                                          kind, body))
 
+    # ---- the directory (overlay.transport.base.Directory) ----------------------------------
+
     def address_of(self, peer_id: str) -> str | None:
         member = self.members.get(peer_id)
-        addrs = member.get("addrs") if member else None
-        return addrs[0] if addrs else None
+        return member.address if member is not None else None
 
-    def _public_key_of(self, peer_id: str) -> bytes | None:
+    def public_key_of(self, peer_id: str) -> bytes | None:
         member = self.members.get(peer_id)
-        return member["public_key"] if member else None
+        return member.public_key if member is not None else None
 
-    def _member_with_curve_key(self, curve_public_key: bytes) -> str | None:
-        """The member whose identity gives this CURVE key (ZeroMQ's ``peer_of``), or None."""
-        try:
-            candidates = ed25519_candidates_from_curve(curve_public_key)
-        except ValueError:
+    def peer_of_curve_key(self, curve_public_key: bytes) -> str | None:
+        """The member whose identity gives this CURVE key, or None (a forward map: the keys
+        of members not seen yet are converted on a miss)."""
+        peer_id = self._peer_of_curve.get(curve_public_key)
+        if peer_id is None:
+            for pid, member in list(self.members.items()):
+                if pid not in self._curve_of:
+                    try:
+                        curve = curve_public_key_from_ed25519(member.public_key)
+                    except ValueError:
+                        continue
+                    self._curve_of[pid] = curve
+                    self._peer_of_curve[curve] = pid
+            peer_id = self._peer_of_curve.get(curve_public_key)
+        if peer_id is None or peer_id not in self.members:
             return None
-        for public_key in candidates:
-            peer_id = peer_id_from_public_key(public_key)
-            if self._public_key_of(peer_id) == public_key:
-                return peer_id
-        return None
-
-    async def _zmq_request(
-        self, peer_id: str, address: str, frames: Frames, request_id: str, timeout: float
-    ) -> tuple[dict[str, Any], list[memoryview]]:
-        """A ZeroMQ request to ``peer_id``: CURVE proves the listener holds its key."""
-        public_key = self._public_key_of(peer_id)
-        if public_key is None:
-            raise TransportError(f"{peer_id} is not a member of our job")
-        return await self.transport.request(address, public_key, frames, request_id, timeout)
-
-    # ---- the connection manager ------------------------------------------------------------
-
-    async def _exchange(
-        self, peer_id: str, frames: Frames, request_id: str, timeout: float
-    ) -> tuple[dict[str, Any], list[memoryview]]:
-        """One request/reply with ``peer_id`` over the right transport, link set up first."""
-        if peer_id not in self.members:
-            raise TransportError(f"{peer_id} is not a member of our job")
-        if peer_id not in self.links:
-            await self._ensure_link(peer_id)
-        address = self.address_of(peer_id)
-        if address is not None:
-            return await self._zmq_request(peer_id, address, frames, request_id, timeout)
-        assert self.webrtc is not None
-        return await self.webrtc.request(peer_id, frames, request_id, timeout)
-
-    async def _ensure_link(self, peer_id: str) -> None:
-        backoff = self._backoff.get(peer_id)
-        now = time.monotonic()
-        if backoff is not None and now < backoff.not_before:
-            raise TransportError(f"{peer_id}: link failed, retrying in "
-                                 f"{backoff.not_before - now:.1f} s")
-        task = self._connecting.get(peer_id)
-        if task is None:  # concurrent callers share one attempt
-            task = self._connecting[peer_id] = asyncio.create_task(self._connect(peer_id))
-            task.add_done_callback(lambda _t: self._connecting.pop(peer_id, None))
-        await asyncio.shield(task)
-
-    async def _connect(self, peer_id: str) -> None:
-        started = time.monotonic()
-        address = self.address_of(peer_id)
-        request_id = secrets.token_hex(8)
-        ping = [encode_control(FrameType.PING, request_id=request_id)]
-        try:
-            if address is not None:
-                kind = "zmq"
-                header, _ = await self._zmq_request(
-                    peer_id, address, ping, request_id, self.config.connect_timeout)
-            else:
-                assert self.webrtc is not None
-                header, _ = await self.webrtc.request(
-                    peer_id, ping, request_id, self.config.connect_timeout)
-                info = self.webrtc.link_info(peer_id) or {}
-                kind = info.get("kind") or "webrtc-direct"
-            if header.get("type") != FrameType.PONG.value:
-                raise TransportError(f"{peer_id} answered ping with {header.get('type')!r}")
-        except TransportError as exc:
-            previous = self._backoff.get(peer_id)
-            delay = (min(previous.delay * 2, self.config.backoff_max) if previous
-                     else self.config.backoff_initial)
-            delay *= random.uniform(0.8, 1.2)
-            self._backoff[peer_id] = _Backoff(delay, time.monotonic() + delay)
-            log.warning("link to %s failed (%s); retrying in %.1f s", peer_id, exc, delay)
-            raise
-        connect_s = time.monotonic() - started
-        self._backoff.pop(peer_id, None)
-        self.links[peer_id] = {"kind": kind, "connect_s": round(connect_s, 4)}
-        log.info("link to %s: %s, set up in %.2f s", peer_id, kind, connect_s)
-        self._notify("link", peer_id, self.links[peer_id])
-        if self.rendezvous is not None:
-            await self.rendezvous.report_links(self.links)
-
-    def _link_lost(self, peer_id: str, exc: TransportError) -> None:
-        """A request failed: the next one sets the link up again (through the back-off)."""
-        if self.links.pop(peer_id, None) is not None:
-            log.info("link to %s lost: %s", peer_id, exc)
-
-    # ---- our model, as served to get_model requests ----------------------------------------
-
-    def _parts(self, msg: ModelMessage) -> tuple[dict[str, Any], list[memoryview]]:
-        """Encode in the message's codec; a model the codec cannot carry (say a value beyond
-        fp16's range) goes raw instead."""
-        try:
-            return model_parts(msg, self.identity)
-        except WireError as exc:
-            if msg.codec == "raw":
-                raise
-            log.warning("epoch %d cannot travel as %s (%s): sending it raw", msg.epoch,
-                        msg.codec, exc)
-            msg.codec = "raw"
-            return model_parts(msg, self.identity)
-
-    def publish(self, msg: ModelMessage) -> None:
-        """Make ``msg`` the model we hand to peers that ask (newcomers). Encoded once here."""
-        header, payloads = self._parts(msg)
-        self._current = (header, payloads, msg)
-
-    def _current_frames(self, request_id: str) -> Frames | None:
-        if self._current is None:
-            return None
-        header, payloads, _ = self._current
-        return [pack_header(header, request_id=request_id), *payloads]
+        return peer_id
 
     # ---- incoming ------------------------------------------------------------------------
 
@@ -362,60 +323,91 @@ class Host:
         if kind == FrameType.MODEL.value:
             if origin is None:
                 raise WireError("unknown_sender", "model from a peer outside our job")
-            msg = await asyncio.to_thread(self._check_model, header, payloads, origin)
-            await self.inbox.put(msg)
+            received, accepted = await asyncio.to_thread(self._receive, header, payloads,
+                                                         origin)
+            await self.inbox.put(accepted)
             self.changed.set()
             log.info("received model epoch %d from %s (%d samples, %.1f MB)",
-                     msg.epoch, msg.sender, msg.samples, msg.nbytes / 1e6)
-            return [encode_control(FrameType.ACK, request_id=request_id, digest=msg.digest)]
+                     received.epoch, received.sender, received.samples, received.nbytes / 1e6)
+            return [encode_control(FrameType.ACK, request_id=request_id,
+                                   digest=received.digest)]
         if kind == FrameType.GET_MODEL.value:
             if origin is None:  # the header's "sender" is not proof of anything
                 raise WireError("unknown_sender", "get_model from a peer outside our job")
-            frames = self._current_frames(str(request_id))
-            if frames is None:
+            current = self._current
+            if current is None:
                 return [encode_control(FrameType.NACK, request_id=request_id, reason="not_ready",
                                        message="no model yet")]
-            return frames
+            return [pack_header(current.header, request_id=str(request_id)), *current.payloads]
         raise WireError("unexpected", f"{kind} is not a request")
 
-    def _check_model(
-        self, header: dict[str, Any], payloads: list[memoryview], origin: str
-    ) -> ModelMessage:
-        """Decode and check a model that ``origin`` (authenticated by the transport) sent."""
+    def _receive(self, header: dict[str, Any], payloads: list[memoryview],
+                 origin: str) -> tuple[ReceivedModel, T]:
+        """Decode and check a model that ``origin`` (authenticated by the transport) sent, and
+        hand it to ``accept`` (worker thread)."""
         if header.get("sender") != origin:  # a signed model relayed or replayed by another
             raise WireError("sender_mismatch",
                             f"a model signed as {header.get('sender')!r} came from {origin}")
-        msg = decode_model(header, payloads, self._public_key_of, self.config.limits)
+        msg = decode_model(header, payloads, self.public_key_of, self.config.limits)
         if msg.job != self.config.job:
             raise WireError("wrong_job", f"model for job {msg.job!r}")
-        if self._validator is not None:
-            self._validator(msg)
-        return msg
+        received = ReceivedModel(sender=msg.sender, job=msg.job, epoch=msg.epoch,
+                                 samples=msg.samples, codec=msg.codec, digest=msg.digest,
+                                 arrays=tuple(msg.arrays))
+        return received, self._accept(received)
 
     # ---- outgoing ------------------------------------------------------------------------
 
-    def encode(self, msg: ModelMessage) -> tuple[Frames, str]:
-        """Encode ``msg`` once for sending to many peers; returns (frames, request_id)."""
-        msg.request_id = secrets.token_hex(8)
-        header, payloads = self._parts(msg)
-        return [pack_header(header), *payloads], msg.request_id
-
-    async def send_model(self, peer_id: str, frames: Frames, request_id: str) -> None:
-        """Deliver encoded model ``frames`` to ``peer_id``; returns once it acknowledged."""
-        started = time.monotonic()
+    def _encode(self, model: OutgoingModel) -> EncodedModel:
+        """Encode, hash and sign (worker thread). A model the codec cannot carry (say a value
+        beyond fp16's range) goes raw instead."""
+        msg = ModelMessage(job=model.job, sender=model.sender, epoch=model.epoch,
+                           samples=model.samples, arrays=list(model.arrays), codec=model.codec)
         try:
-            header, _ = await self._exchange(peer_id, frames, request_id,
-                                             self.config.send_timeout)
-        except TransportError as exc:
-            self._link_lost(peer_id, exc)
-            raise
+            header, payloads = model_parts(msg, self.identity)
+        except WireError as exc:
+            if msg.codec == "raw":
+                raise
+            log.warning("epoch %d cannot travel as %s (%s): sending it raw", msg.epoch,
+                        msg.codec, exc)
+            msg.codec = "raw"
+            header, payloads = model_parts(msg, self.identity)
+        nbytes = len(pack_header(header)) + sum(p.nbytes for p in payloads)
+        return EncodedModel(epoch=msg.epoch, codec=msg.codec, digest=msg.digest, nbytes=nbytes,
+                            header=header, payloads=tuple(payloads))
+
+    async def encode(self, model: OutgoingModel) -> EncodedModel:
+        """Encode ``model`` once (in a worker thread) for sending to many peers and serving.
+
+        The encoded model keeps views of raw arrays: hand over arrays that no longer change.
+        """
+        return await asyncio.to_thread(self._encode, model)
+
+    def publish(self, model: EncodedModel) -> None:
+        """Make ``model`` the one we hand to peers that ask (newcomers); no work here."""
+        self._current = model
+
+    async def _request(self, peer_id: str, frames: Frames, request_id: str,
+                       timeout: float) -> tuple[dict[str, Any], list[memoryview]]:
+        if self.connections is None:
+            raise TransportError("host not started")
+        return await self.connections.request(peer_id, frames, request_id, timeout=timeout)
+
+    async def send_model(self, peer_id: str, model: EncodedModel) -> None:
+        """Deliver ``model`` to ``peer_id``; returns once it acknowledged. Raises
+        TransportError (also for a refusal)."""
+        started = time.monotonic()
+        request_id = secrets.token_hex(8)
+        frames: Frames = [pack_header(model.header, request_id=request_id), *model.payloads]
+        header, _ = await self._request(peer_id, frames, request_id, self.config.send_timeout)
         if header["type"] != FrameType.ACK.value:
             raise TransportError(f"{peer_id} refused our model: {header.get('reason')}"
                                  f" {header.get('message', '')}")
         log.debug("delivered to %s in %.2f s", peer_id, time.monotonic() - started)
 
-    async def fetch_model(self, peer_id: str) -> ModelMessage:
-        """Ask ``peer_id`` for its current model (newcomer bootstrap).
+    async def fetch_model(self, peer_id: str) -> T:
+        """Ask ``peer_id`` for its current model (newcomer bootstrap); what ``accept`` made
+        of it. Raises TransportError.
 
         A donor that has not yet been told we joined refuses us as ``unknown_sender`` (its
         ``joined`` event may still be on the way): asked again a moment later, within
@@ -427,12 +419,8 @@ class Host:
             request_id = secrets.token_hex(8)
             request = encode_control(FrameType.GET_MODEL, request_id=request_id,
                                      job=self.config.job, sender=self.peer_id)
-            try:
-                header, payloads = await self._exchange(
-                    peer_id, [request], request_id, max(deadline - time.monotonic(), 0.1))
-            except TransportError as exc:
-                self._link_lost(peer_id, exc)
-                raise
+            header, payloads = await self._request(
+                peer_id, [request], request_id, max(deadline - time.monotonic(), 0.1))
             if (header.get("reason") != "unknown_sender"
                     or time.monotonic() + delay >= deadline):
                 break
@@ -442,10 +430,19 @@ class Host:
         if header["type"] != FrameType.MODEL.value:
             raise TransportError(f"{peer_id} had no model: {header.get('reason')}")
         try:
-            return await asyncio.to_thread(self._check_model, header, payloads, peer_id)
+            _, accepted = await asyncio.to_thread(self._receive, header, payloads, peer_id)
         except WireError as exc:
             raise TransportError(f"{peer_id} sent a bad model: {exc}") from exc
+        return accepted
 
-    async def report(self, epoch: int, metrics: dict[str, Any]) -> None:
+    async def report(self, epoch: int, metrics: Mapping[str, Any]) -> None:
         if self.rendezvous is not None:
-            await self.rendezvous.report(epoch, metrics)
+            await self.rendezvous.report(epoch, dict(metrics))
+
+    def rejected(self) -> dict[str, dict[str, int]]:
+        """Incoming messages refused so far, by transport name and reason code (``bad_digest``,
+        ``chunk_timeout``, ...): nothing counted here reached the inbox."""
+        counts = {self.transport.name: dict(self.transport.stats.rejected)}
+        if self.webrtc is not None:
+            counts[self.webrtc.name] = dict(self.webrtc.stats.rejected)
+        return counts

@@ -3,11 +3,11 @@
 The key is kept in a PEM file (PKCS#8, mode 0600) created on first run and reused after, so
 a peer keeps its id across restarts.
 
-The same key also gives the peer its ZeroMQ CURVE (X25519) key pair, the way libsodium
-converts keys (``crypto_sign_ed25519_sk_to_curve25519`` / ``..._pk_to_curve25519``): the
-secret is SHA-512(Ed25519 seed)[:32], clamped; the public key is the Montgomery
-u = (1 + y) / (1 - y) mod 2^255 - 19 of the Edwards point. So anyone who knows a peer's
-Ed25519 public key (every member of its job does) knows its CURVE key, with no new message.
+The same key also gives the peer its ZeroMQ CURVE (X25519) key pair, converted by libsodium
+(through PyNaCl: ``crypto_sign_ed25519_sk_to_curve25519`` / ``..._pk_to_curve25519``; no curve
+arithmetic of our own). So anyone who knows a peer's Ed25519 public key (every member of its
+job does) knows its CURVE key, with no new message. The map only runs forwards: to find which
+member holds a CURVE key, convert the members' keys and look it up (``overlay.host``).
 """
 
 from __future__ import annotations
@@ -23,23 +23,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from nacl.bindings import (
+    crypto_sign_ed25519_pk_to_curve25519,
+    crypto_sign_ed25519_sk_to_curve25519,
+)
+from nacl.exceptions import CryptoError
 
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
 CURVE_KEY_SIZE = 32
 
-_P = 2**255 - 19  # the field of Curve25519 / Ed25519
-_D = -121665 * pow(121666, -1, _P) % _P  # the Edwards curve constant d
-# u-coordinates of the points of small order on Curve25519 (order 1, 2, 4, 8): a key there
-# would give a shared secret an attacker can predict (libsodium refuses them too).
-_LOW_ORDER_U = frozenset({
-    0,
-    1,
-    _P - 1,
-    325606250916557431795983626356110631294008115727848805560023387167927233504,
-    39382357235489614581723060781553021112529911719440698176882885853963445705823,
-})
+_P = 2**255 - 19  # the field of Ed25519: a y at or above it is not a canonical encoding
 
 # Domain-separation prefixes: a signature made for one purpose is never valid for another.
 DOMAIN_RENDEZVOUS_AUTH = b"peerlearn/rendezvous-auth/v1\x00"
@@ -73,44 +67,21 @@ def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
 def curve_public_key_from_ed25519(public_key: bytes) -> bytes:
     """The X25519 (ZeroMQ CURVE) public key of the peer whose Ed25519 public key this is.
 
-    Raises ValueError for a key that is not 32 bytes, whose y is not canonical (>= p), that
-    is not a point of the curve, or whose point has small order.
+    Raises ValueError for a key that is not 32 bytes, whose y is not canonical (>= p), or
+    that libsodium refuses (not a point of the curve, a point of small order, or one outside
+    the prime-order subgroup: no real key is any of these).
     """
     if len(public_key) != PUBLIC_KEY_SIZE:
         raise ValueError(
             f"an Ed25519 public key has {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}"
         )
-    y = int.from_bytes(public_key, "little") & ((1 << 255) - 1)  # the top bit is x's sign
-    if y >= _P:
+    if int.from_bytes(public_key, "little") & ((1 << 255) - 1) >= _P:  # top bit: x's sign
         raise ValueError("Ed25519 public key: y is not canonical")
-    y2 = y * y % _P
-    x2 = (y2 - 1) * pow(_D * y2 + 1, -1, _P) % _P
-    if x2 != 0 and pow(x2, (_P - 1) // 2, _P) != 1:
-        raise ValueError("Ed25519 public key: not a point of the curve")
-    if y == 1:
-        raise ValueError("Ed25519 public key: small order point")
-    u = (1 + y) * pow(1 - y, -1, _P) % _P
-    if u in _LOW_ORDER_U:
-        raise ValueError("Ed25519 public key: small order point")
-    return u.to_bytes(CURVE_KEY_SIZE, "little")
-
-
-def ed25519_candidates_from_curve(curve_public_key: bytes) -> tuple[bytes, bytes]:
-    """The two Ed25519 public keys whose CURVE key is ``curve_public_key``.
-
-    The map above drops the sign of x, so the inverse y = (u - 1) / (u + 1) gives the key
-    with either sign bit; look both up. Raises ValueError for a key of the wrong size or a
-    u with no y (u = p - 1).
-    """
-    if len(curve_public_key) != CURVE_KEY_SIZE:
-        raise ValueError(
-            f"a CURVE public key has {CURVE_KEY_SIZE} bytes, got {len(curve_public_key)}"
-        )
-    u = int.from_bytes(curve_public_key, "little") % _P
-    if u == _P - 1:
-        raise ValueError("CURVE public key: u = -1 has no Edwards point")
-    y = (u - 1) * pow(u + 1, -1, _P) % _P
-    return y.to_bytes(PUBLIC_KEY_SIZE, "little"), (y | 1 << 255).to_bytes(PUBLIC_KEY_SIZE, "little")
+    try:
+        return bytes(crypto_sign_ed25519_pk_to_curve25519(public_key))
+    except (CryptoError, ValueError, TypeError):  # libsodium said no
+        raise ValueError("Ed25519 public key: not a point of the curve's prime-order "
+                         "subgroup (off the curve or of small order)") from None
 
 
 class Identity:
@@ -126,17 +97,12 @@ class Identity:
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
             serialization.NoEncryption(),
         )
-        scalar = bytearray(hashlib.sha512(seed).digest()[:32])
-        scalar[0] &= 248
-        scalar[31] &= 127
-        scalar[31] |= 64
-        self.curve_secret_key: bytes = bytes(scalar)
-        """X25519 secret for ZeroMQ CURVE: SHA-512(seed)[:32], clamped (as libsodium)."""
-        self.curve_public_key: bytes = (
-            X25519PrivateKey.from_private_bytes(self.curve_secret_key).public_key()
-            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        )
-        """X25519 public key; equals ``curve_public_key_from_ed25519(self.public_key)``."""
+        self.curve_secret_key: bytes = bytes(
+            crypto_sign_ed25519_sk_to_curve25519(seed + self.public_key))
+        """X25519 secret for ZeroMQ CURVE (libsodium's conversion: SHA-512(seed)[:32],
+        clamped)."""
+        self.curve_public_key: bytes = curve_public_key_from_ed25519(self.public_key)
+        """X25519 public key (libsodium's conversion of the Ed25519 public key)."""
 
     @classmethod
     def generate(cls) -> Identity:

@@ -19,9 +19,11 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 from overlay.identity import DOMAIN_JOB_PROOF, peer_id_from_public_key
 
@@ -41,6 +43,55 @@ class Refusal(enum.StrEnum):
     NO_PROOF = "no_proof"  # the job needs a join secret and the peer gave no proof
     BAD_PROOF = "bad_proof"  # a proof that does not match the secret (wrong secret)
     NOT_LISTED = "not_listed"  # the peer id is not on the job's list
+
+
+@dataclass(frozen=True)
+class Member:
+    """Another member of our job, as the rendezvous announced it (client side)."""
+
+    peer_id: str
+    public_key: bytes
+    """Its Ed25519 key; ``peer_id`` is derived from it (checked on receipt)."""
+    addrs: tuple[str, ...] = ()
+    """ZeroMQ addresses the rendezvous dialed back (verified); empty: reach it over WebRTC."""
+    meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    """What the peer announced (``num``, ``samples``, ``fingerprint``, ...)."""
+    joined_at: float | None = None
+    """Wall-clock time (Unix seconds) of its first join, as the rendezvous saw it."""
+    proof: bytes | None = field(default=None, repr=False)
+    """Its join proof (closed jobs)."""
+
+    @property
+    def address(self) -> str | None:
+        """The address to reach it over ZeroMQ, None when it has none."""
+        return self.addrs[0] if self.addrs else None
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Member | None:
+        """The member in a protocol member map, or None if it is not a valid one (the peer id
+        must be the one its key gives)."""
+        if not isinstance(obj, dict):
+            return None
+        peer_id, public_key, addrs = obj.get("peer_id"), obj.get("public_key"), obj.get("addrs")
+        if not isinstance(peer_id, str) or not isinstance(public_key, bytes):
+            return None
+        if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
+            return None
+        try:
+            if peer_id_from_public_key(public_key) != peer_id:
+                return None
+        except ValueError:
+            return None
+        meta, joined_at, proof = obj.get("meta"), obj.get("joined_at"), obj.get("proof")
+        return cls(
+            peer_id=peer_id,
+            public_key=public_key,
+            addrs=tuple(addrs),
+            meta=MappingProxyType(dict(meta) if isinstance(meta, dict) else {}),
+            joined_at=float(joined_at) if isinstance(joined_at, int | float)
+            and not isinstance(joined_at, bool) else None,
+            proof=proof if isinstance(proof, bytes) else None,
+        )
 
 
 def job_proof(secret: bytes, job: str, public_key: bytes) -> bytes:

@@ -45,6 +45,7 @@ import msgpack
 
 from overlay.errors import ProtocolError
 from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity
+from overlay.transport.base import LinkKind
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -86,6 +87,15 @@ class SignalKind(enum.StrEnum):
     CANDIDATE = "candidate"
     BYE = "bye"
     HELLO = "hello"  # the larger peer id asks the smaller one for an offer
+
+
+class LeftReason(enum.StrEnum):
+    """Why a member left (the ``left`` message's ``reason``)."""
+
+    LEAVE = "leave"  # it said goodbye
+    EXPIRED = "expired"  # no heartbeat within the TTL
+    REPLACED = "replaced"  # it joined again (a new session or new addresses)
+    LOST = "lost"  # client side only: gone from the welcome after we reconnected
 
 
 class ErrorCode(enum.StrEnum):
@@ -144,17 +154,19 @@ MAX_PROOF_BYTES = 64
 
 def encode(msg_type: MsgType, **fields: Any) -> bytes:
     """Pack one message. Fields are not checked here: the sender builds them."""
-    return msgpack.packb({"type": msg_type.value, **fields}, use_bin_type=True)
+    return pack({"type": msg_type.value, **fields})
 
 
 def pack(value: Any) -> bytes:
     """One value as msgpack, for ``encode_prepacked``."""
-    return msgpack.packb(value, use_bin_type=True)
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
 
 
 def pack_array(packed_items: list[bytes]) -> bytes:
     """An array of values each already packed (see ``pack``)."""
-    return msgpack.Packer().pack_array_header(len(packed_items)) + b"".join(packed_items)
+    header: bytes = msgpack.Packer().pack_array_header(len(packed_items))
+    return header + b"".join(packed_items)
 
 
 def encode_prepacked(msg_type: MsgType, prepacked: dict[str, bytes], **fields: Any) -> bytes:
@@ -292,7 +304,7 @@ def check_signal(fields: dict[str, Any], peer_field: str) -> tuple[str, SignalKi
     return peer, kind, fields["data"]
 
 
-LINK_KINDS = frozenset(["zmq", "webrtc-direct", "webrtc-relay"])
+LINK_KINDS = frozenset(kind.value for kind in LinkKind)
 MAX_LINKS = 256
 
 

@@ -1,14 +1,18 @@
 """The peer's side of the rendezvous session (WebSocket, see ``overlay.protocol``).
 
 ``start()`` authenticates and joins, and returns the welcome. Then a reader task keeps
-``members`` up to date from pushed ``joined`` / ``left`` messages (and puts them on ``events``),
-and a heartbeat task keeps the registration alive. If the socket drops, the client reconnects with
-exponential back-off, joins again and reconciles: members missing from the new welcome give
-``("left", peer_id, "lost")``, new ones ``("joined", member)``.
+``members`` (typed :class:`overlay.membership.Member`) up to date from pushed ``joined`` /
+``left`` messages (and puts them on ``events`` as :class:`overlay.events.Joined` /
+:class:`overlay.events.Left`), and a heartbeat task keeps the registration alive. If the socket
+drops, the client reconnects with exponential back-off, joins again and reconciles: members
+missing from the new welcome give ``Left(peer_id, "lost")``, new ones ``Joined(member)``.
+
+Its state (:class:`ClientState`) changes in ``_set_state`` only: ``new -> connecting ->
+connected -> reconnecting -> connected ... -> closed``.
 
 Signaling: ``send_signal(to, kind, data)`` relays a message through the rendezvous to another
-member of the job; received ones go to ``signals`` as ``(from, kind, data)``, where ``from`` is
-the sender as the rendezvous authenticated it.
+member of the job; received ones go to ``signals`` as ``(from, SignalKind, data)``, where
+``from`` is the sender as the rendezvous authenticated it.
 """
 
 from __future__ import annotations
@@ -16,21 +20,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import logging
 import random
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
 
 from overlay.errors import ProtocolError, RendezvousError, RendezvousRefused
-from overlay.identity import Identity, peer_id_from_public_key
-from overlay.membership import JobPolicy, refusal_message
+from overlay.events import Joined, Left
+from overlay.identity import Identity
+from overlay.membership import JobPolicy, Member, refusal_message
 from overlay.protocol import (
     FATAL_ERRORS,
     MAX_MEMBERS,
     MAX_SIGNAL_BYTES,
     MAX_WELCOME_BYTES,
     ErrorCode,
+    LeftReason,
     MsgType,
     SignalKind,
     check_links,
@@ -46,9 +54,8 @@ log = logging.getLogger(__name__)
 WS_PING_INTERVAL = 10.0
 """WebSocket ping period; no pong within half of it drops the session (then reconnect)."""
 
-Member = dict[str, Any]
-ClientEvent = tuple[Any, ...]  # ("joined", member) | ("left", peer_id, reason)
-Signal = tuple[str, str, Any]  # (from peer_id, kind, data: bytes | dict)
+ClientEvent = Joined | Left
+Signal = tuple[str, SignalKind, Any]  # (from peer_id, kind, data: bytes | dict)
 SIGNAL_QUEUE_MAX = 1024
 """Received signals kept for a slow reader; more are dropped (and logged)."""
 MAX_REFUSED_LOGGED = 4096
@@ -68,21 +75,28 @@ def normalize_url(url: str) -> str:
     return f"{scheme}://{rest}"
 
 
-def _valid_member(obj: Any) -> Member | None:
-    """A member map as sent by the rendezvous, or None if it is not one."""
-    if not isinstance(obj, dict):
-        return None
-    peer_id, public_key, addrs = obj.get("peer_id"), obj.get("public_key"), obj.get("addrs")
-    if not isinstance(peer_id, str) or not isinstance(public_key, bytes):
-        return None
-    if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
-        return None
-    try:
-        if peer_id_from_public_key(public_key) != peer_id:
-            return None
-    except ValueError:
-        return None
-    return obj
+class ClientState(enum.StrEnum):
+    """Where the client's session stands."""
+
+    NEW = "new"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    DISCONNECTED = "disconnected"  # the session dropped and we do not reconnect
+    CLOSED = "closed"
+
+
+_TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
+    ClientState.NEW: frozenset({ClientState.CONNECTING, ClientState.CLOSED}),
+    ClientState.CONNECTING: frozenset({ClientState.CONNECTED, ClientState.CLOSED}),
+    ClientState.CONNECTED: frozenset({ClientState.RECONNECTING, ClientState.DISCONNECTED,
+                                      ClientState.CLOSED}),
+    ClientState.RECONNECTING: frozenset({ClientState.CONNECTED, ClientState.DISCONNECTED,
+                                         ClientState.CLOSED}),
+    ClientState.DISCONNECTED: frozenset({ClientState.CLOSED}),
+    ClientState.CLOSED: frozenset(),
+}
+"""The allowed state changes (anything else is a bug: ``_set_state`` raises)."""
 
 
 class RendezvousClient:
@@ -93,8 +107,8 @@ class RendezvousClient:
         url: str,
         identity: Identity,
         job: str,
-        addrs: list[str],
-        meta: dict[str, Any],
+        addrs: Sequence[str],
+        meta: Mapping[str, Any],
         *,
         reconnect: bool = True,
         connect_timeout: float = 10.0,
@@ -135,7 +149,21 @@ class RendezvousClient:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._connected = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._closed = False
+        self.state = ClientState.NEW
+
+    def _set_state(self, new: ClientState, why: str = "") -> None:
+        old = self.state
+        if new is old or old is ClientState.CLOSED:  # closed is final (a late reconnect)
+            return
+        if new not in _TRANSITIONS[old]:
+            raise RuntimeError(f"rendezvous client: {old} -> {new} is not allowed")
+        self.state = new
+        log.debug("rendezvous client %s: %s -> %s%s", self.peer_id[:8], old, new,
+                  f" ({why})" if why else "")
+
+    @property
+    def _closed(self) -> bool:
+        return self.state is ClientState.CLOSED
 
     # -- public ----------------------------------------------------------------------------
 
@@ -145,14 +173,15 @@ class RendezvousClient:
 
     async def start(self) -> dict[str, Any]:
         """Connect, authenticate and join; return the welcome. Raises RendezvousError."""
-        if self._session is not None or self._closed:
+        if self.state is not ClientState.NEW:
             raise RuntimeError("a RendezvousClient is started once")
+        self._set_state(ClientState.CONNECTING)
         self._session = aiohttp.ClientSession()
         try:
             welcome = await self._connect(initial=True)
-        except BaseException:
+        except BaseException as exc:
             await self._session.close()
-            self._closed = True
+            self._set_state(ClientState.CLOSED, f"start failed: {exc}")
             raise
         self._tasks = [
             asyncio.create_task(self._run(), name=f"rendezvous-client-{self.peer_id[:8]}"),
@@ -174,17 +203,18 @@ class RendezvousClient:
         if not await self._send(encode(MsgType.REPORT, epoch=int(epoch), metrics=metrics)):
             log.info("report of epoch %d dropped: not connected to the rendezvous", epoch)
 
-    async def report_links(self, links: dict[str, dict[str, Any]]) -> None:
+    async def report_links(self, links: Mapping[str, Mapping[str, Any]]) -> None:
         """Tell the rendezvous how we reach each peer (shown by GET /peers); best effort."""
         try:
-            links = check_links(links)
+            checked = check_links({peer: dict(link) for peer, link in links.items()})
         except ProtocolError as exc:
             log.warning("links not sent: %s", exc)
             return
-        if not await self._send(encode(MsgType.LINKS, links=links)):
+        if not await self._send(encode(MsgType.LINKS, links=checked)):
             log.info("links dropped: not connected to the rendezvous")
 
-    async def send_signal(self, to: str, kind: str, data: bytes | dict[str, Any]) -> None:
+    async def send_signal(self, to: str, kind: SignalKind | str,
+                          data: bytes | dict[str, Any]) -> None:
         """Relay ``data`` to member ``to`` of the job. Raises RendezvousError when not connected,
         ValueError for a bad kind or a message over ``MAX_SIGNAL_BYTES``.
 
@@ -204,8 +234,9 @@ class RendezvousClient:
         """Leave (if asked and connected), stop the tasks, close the socket; idempotent."""
         if self._closed:
             return
-        self._closed = True
-        if leave:
+        connected = self.connected
+        self._set_state(ClientState.CLOSED)
+        if leave and connected:
             await self._send(encode(MsgType.LEAVE))
         for task in self._tasks:
             task.cancel()
@@ -252,7 +283,12 @@ class RendezvousClient:
             if isinstance(exc, aiohttp.ClientError | OSError):
                 raise RendezvousError(f"cannot reach {self.url}: {exc}") from exc
             raise
+        if self._closed:  # closed while we were joining
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2.0)
+            raise RendezvousError("client closed")
         self._ws = ws
+        self._set_state(ClientState.CONNECTED)
         self._apply_welcome(welcome, initial=initial)
         self._connected.set()
         log.info(
@@ -287,23 +323,23 @@ class RendezvousClient:
         self.reachable_addrs = [a for a in welcome["reachable_addrs"] if isinstance(a, str)]
         self.ice_servers = [s for s in welcome["ice_servers"] if isinstance(s, dict)]
         self.heartbeat_interval = max(float(welcome["heartbeat_interval"]), 0.05)
-        members = (_valid_member(m) for m in welcome["members"])
+        members = (Member.from_wire(m) for m in welcome["members"])
         new = {
-            m["peer_id"]: m
+            m.peer_id: m
             for m in members
-            if m is not None and m["peer_id"] != self.peer_id and self._admitted(m)
+            if m is not None and m.peer_id != self.peer_id and self._admitted(m)
         }
         old, self.members = self.members, new
         if initial:
             return
         for peer_id in old.keys() - new.keys():
-            self.events.put_nowait(("left", peer_id, "lost"))
+            self.events.put_nowait(Left(peer_id, LeftReason.LOST))
         for peer_id, member in new.items():
             if peer_id not in old:
-                self.events.put_nowait(("joined", member))
-            elif old[peer_id].get("addrs") != member.get("addrs"):
-                self.events.put_nowait(("left", peer_id, "replaced"))
-                self.events.put_nowait(("joined", member))
+                self.events.put_nowait(Joined(member))
+            elif old[peer_id].addrs != member.addrs:
+                self.events.put_nowait(Left(peer_id, LeftReason.REPLACED))
+                self.events.put_nowait(Joined(member))
 
     def _on_message(self, data: bytes) -> None:
         try:
@@ -312,18 +348,18 @@ class RendezvousClient:
             log.warning("ignoring a bad message from the rendezvous: %s", exc)
             return
         if msg_type is MsgType.JOINED:
-            member = _valid_member(fields["member"])
-            if member is None or member["peer_id"] == self.peer_id or not self._admitted(member):
+            member = Member.from_wire(fields["member"])
+            if member is None or member.peer_id == self.peer_id or not self._admitted(member):
                 return
-            if member["peer_id"] in self.members:
+            if member.peer_id in self.members:
                 # the rendezvous coalesced a left + joined of this peer (we were behind): it
                 # left and came back, so say so, as a reconnect's reconciliation does
-                self.events.put_nowait(("left", member["peer_id"], "replaced"))
-            self.members[member["peer_id"]] = member
-            self.events.put_nowait(("joined", member))
+                self.events.put_nowait(Left(member.peer_id, LeftReason.REPLACED))
+            self.members[member.peer_id] = member
+            self.events.put_nowait(Joined(member))
         elif msg_type is MsgType.LEFT:
             if self.members.pop(fields["peer_id"], None) is not None:
-                self.events.put_nowait(("left", fields["peer_id"], fields["reason"]))
+                self.events.put_nowait(Left(fields["peer_id"], str(fields["reason"])))
         elif msg_type is MsgType.SIGNAL:
             self._on_signal(fields)
         elif msg_type is MsgType.ERROR:
@@ -338,14 +374,11 @@ class RendezvousClient:
         """Our own check of the job's policy on a member the rendezvous announced."""
         if self.membership is None:
             return True
-        proof = member.get("proof")
-        refusal = self.membership.check(
-            self.job, member["public_key"], proof if isinstance(proof, bytes) else None
-        )
+        refusal = self.membership.check(self.job, member.public_key, member.proof)
         if refusal is None:
             return True
         self.refused_members[refusal.value] += 1
-        peer_id = member["peer_id"]
+        peer_id = member.peer_id
         if peer_id not in self._refused_logged:  # once per peer (a bounded memory of them)
             if len(self._refused_logged) >= MAX_REFUSED_LOGGED:
                 self._refused_logged.clear()
@@ -361,7 +394,7 @@ class RendezvousClient:
             log.warning("ignoring a bad signal from the rendezvous: %s", exc)
             return
         try:
-            self.signals.put_nowait((sender, kind.value, data))
+            self.signals.put_nowait((sender, kind, data))
         except asyncio.QueueFull:
             log.warning("signal queue full: dropped %s from %s", kind.value, sender)
 
@@ -381,8 +414,12 @@ class RendezvousClient:
                 log.warning("lost the rendezvous session (%s%s)", ws.close_code,
                             ": we sent a message too large for it" if ws.close_code == 1009
                             else "")
-            if not self.reconnect or self._closed or self.refused is not None:
+            if self._closed:
                 return
+            if not self.reconnect or self.refused is not None:
+                self._set_state(ClientState.DISCONNECTED, "not reconnecting")
+                return
+            self._set_state(ClientState.RECONNECTING)
             await self._reconnect()
 
     async def _reconnect(self) -> None:
@@ -395,6 +432,7 @@ class RendezvousClient:
             except RendezvousRefused as exc:
                 log.error("the rendezvous refused us (%s); not reconnecting", exc)
                 self.refused = exc
+                self._set_state(ClientState.DISCONNECTED, "refused")
                 return
             except RendezvousError as exc:
                 log.info("reconnect to %s failed: %s", self.url, exc)

@@ -94,7 +94,7 @@ def _check_body(body: Any) -> dict[str, Any]:
 
 
 def seal(
-    identity: Identity, to: str, job: str, kind: str, body: dict[str, Any],
+    identity: Identity, to: str, job: str, kind: SignalKind | str, body: dict[str, Any],
     *, now: float | None = None, nonce: bytes | None = None,
 ) -> bytes:
     """The sealed ``data`` of a signal from ``identity`` to peer ``to`` in ``job``.
@@ -102,7 +102,7 @@ def seal(
     Raises ValueError for a kind that is not a :class:`SignalKind`, a body that is not a flat
     map, or a sealed message over :data:`MAX_SIGNAL_BYTES`.
     """
-    payload = msgpack.packb(
+    payload: bytes = msgpack.packb(
         {
             "v": SIGNAL_VERSION,
             "from": identity.peer_id,
@@ -191,7 +191,7 @@ class SignalGuard:
         """The highest floor of the sender states dropped so far (always a window behind the
         clock when dropped): a new state starts there, so dropping one never reopens a replay."""
 
-    def open(self, relay_from: str, kind: str, data: Any) -> dict[str, Any]:
+    def open(self, relay_from: str, kind: SignalKind | str, data: Any) -> dict[str, Any]:
         """The body of ``data``, relayed as ``signal {from: relay_from, kind, data}``.
 
         Raises SignalError (its ``reason`` a :class:`SignalReject`) and then remembers nothing.

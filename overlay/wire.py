@@ -30,7 +30,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -94,11 +94,15 @@ class ModelMessage:
     """How floating arrays travel: "raw", "fp16" or "int8" (overlay.codecs)."""
     digest: bytes = b""
     request_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         return sum(a.array.nbytes for a in self.arrays)
+
+
+def _packb(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
 
 
 def _canonical_meta(
@@ -110,8 +114,8 @@ def _canonical_meta(
     block: int | None,
     specs: list[list[Any]],
 ) -> bytes:
-    return msgpack.packb(
-        [WIRE_VERSION, job, sender, epoch, samples, codec, block, specs], use_bin_type=True
+    return _packb(
+        [WIRE_VERSION, job, sender, epoch, samples, codec, block, specs]
     )
 
 
@@ -193,7 +197,7 @@ def model_parts(msg: ModelMessage, identity: Identity) -> tuple[dict[str, Any], 
 
 
 def pack_header(header: dict[str, Any], **overrides: Any) -> bytes:
-    return msgpack.packb({**header, **overrides}, use_bin_type=True)
+    return _packb({**header, **overrides})
 
 
 def encode_model(msg: ModelMessage, identity: Identity) -> list[bytes | memoryview]:
@@ -391,4 +395,4 @@ def decode_model(
 
 
 def encode_control(frame_type: FrameType, **fields: Any) -> bytes:
-    return msgpack.packb({"v": WIRE_VERSION, "type": frame_type.value, **fields}, use_bin_type=True)
+    return _packb({"v": WIRE_VERSION, "type": frame_type.value, **fields})
