@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,6 +18,7 @@ import zmq.asyncio
 
 from overlay.dialback import answer_probe, check_probe_reply, dial_back
 from overlay.identity import DOMAIN_DIALBACK, Identity
+from testkit.fixtures import reserved_port
 
 Answer = Callable[[dict[str, Any]], bytes | None]
 
@@ -51,12 +51,6 @@ async def probe_responder(answer: Answer, curve: Identity | None) -> AsyncIterat
             await task
         sock.close(linger=0)
         ctx.term()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_reachable_when_the_right_key_answers() -> None:
@@ -120,9 +114,10 @@ async def test_garbage_reply_is_refused(reply: bytes) -> None:
 
 async def test_nobody_listening_times_out() -> None:
     peer = Identity.generate()
-    started = time.monotonic()
-    assert not await dial_back(f"tcp://127.0.0.1:{free_port()}", peer.public_key, timeout=0.5)
-    assert time.monotonic() - started < 2.0
+    with reserved_port() as port:
+        started = time.monotonic()
+        assert not await dial_back(f"tcp://127.0.0.1:{port}", peer.public_key, timeout=0.5)
+        assert time.monotonic() - started < 2.0
 
 
 async def test_silent_responder_times_out() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -35,6 +34,7 @@ from overlay.wire import (
     encode_control,
     encode_model,
 )
+from testkit.fixtures import reserved_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -44,12 +44,6 @@ SENDER = Identity.generate()
 # strictly alternating sequence could match by luck; this one matches neither rotation.
 IRREGULAR = "BCCBCBBCBC"
 ALTERNATING = "BCBCBCBCBC"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def addressed_model(to: str, seq: int) -> tuple[list[bytes | memoryview], str, ModelMessage]:
@@ -190,24 +184,25 @@ async def test_the_prototype_single_dealer_misdelivers() -> None:
 
 
 async def test_nobody_listening_times_out_drops_the_link_and_recovers() -> None:
-    address = f"tcp://127.0.0.1:{free_port()}"
-    peer = Identity.generate()
-    DIRECTORY.add(peer.peer_id, peer.public_key, address)
-    async with transport(listen=None) as a:
-        frames, request_id, _ = addressed_model("B", 0)
-        started = time.monotonic()
-        with pytest.raises(TransportError, match="handshake"):
-            await a.request(peer.peer_id, frames, request_id, timeout=0.5)
-        assert time.monotonic() - started < 0.5 + 1.0
-        assert not a._links
+    with reserved_port() as port:  # refused until the listener below binds it
+        address = f"tcp://127.0.0.1:{port}"
+        peer = Identity.generate()
+        DIRECTORY.add(peer.peer_id, peer.public_key, address)
+        async with transport(listen=None) as a:
+            frames, request_id, _ = addressed_model("B", 0)
+            started = time.monotonic()
+            with pytest.raises(TransportError, match="handshake"):
+                await a.request(peer.peer_id, frames, request_id, timeout=0.5)
+            assert time.monotonic() - started < 0.5 + 1.0
+            assert not a._links
 
-        rec = Recorder()
-        async with transport(rec, listen=address, identity=peer) as b:
-            assert b.address == address
-            frames, request_id, _ = addressed_model("B", 1)
-            header, _ = await a.request(peer.peer_id, frames, request_id, timeout=5.0)
-            assert header["type"] == FrameType.ACK.value
-            assert rec.got == [(1, "B")]
+            rec = Recorder()
+            async with transport(rec, listen=address, identity=peer) as b:
+                assert b.address == address
+                frames, request_id, _ = addressed_model("B", 1)
+                header, _ = await a.request(peer.peer_id, frames, request_id, timeout=5.0)
+                assert header["type"] == FrameType.ACK.value
+                assert rec.got == [(1, "B")]
 
 
 # ---- hostile input --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Protocol, Self
 
 from overlay.identity import curve_public_key_from_ed25519
+from overlay.wire import Limits
 
 Frames = Sequence[bytes | memoryview]
 """One message: the wire format's header frame, then its payload frames."""
@@ -27,6 +28,16 @@ Handler = Callable[[dict[str, Any], list[memoryview], str | None], Awaitable[Fra
 whose CURVE key the connection's handshake proved, for WebRTC the link's peer (DTLS, with the
 fingerprint in signed signaling); None for a sender that is not a member we know.
 """
+
+
+def max_parts(limits: Limits) -> int:
+    """Frames one message may have: header, payloads (one per array) and some slack."""
+    return limits.max_arrays + 3
+
+
+def max_frame(limits: Limits) -> int:
+    """The largest single frame a receiver with ``limits`` accepts."""
+    return limits.max_total_bytes + limits.max_header_bytes
 
 
 class LinkKind(enum.StrEnum):

@@ -28,8 +28,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from overlay.transport.base import Frames
-from overlay.transport.serving import max_parts
+from overlay.transport.base import Frames, max_parts
 from overlay.wire import Limits
 
 MAX_MESSAGE = 64 * 1024

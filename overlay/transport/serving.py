@@ -3,8 +3,8 @@
 - :func:`serve_request` decodes a request's header within the limits, answers the
   rendezvous' dial-back ``probe`` (ZeroMQ only), calls the handler with the origin, and turns
   a :class:`~overlay.errors.WireError` into a counted, logged refusal and its ``nack``.
-- :func:`max_parts` / :func:`max_frame` are the part-count and size bounds both transports
-  check before they keep anything.
+- :func:`~overlay.transport.base.max_parts` / :func:`~overlay.transport.base.max_frame` are
+  the part-count and size bounds both transports check before they keep anything.
 - :class:`TaskSet` owns a transport's background tasks: ``close()`` cancels and awaits them.
 """
 
@@ -18,23 +18,13 @@ from typing import Any
 from overlay.dialback import answer_probe
 from overlay.errors import WireError
 from overlay.identity import Identity
-from overlay.transport.base import Frames, Handler, TransportStats
+from overlay.transport.base import Frames, Handler, TransportStats, max_frame, max_parts
 from overlay.wire import FrameType, Limits, decode_header, nack_for
 
 log = logging.getLogger(__name__)
 
 INCOMPLETE = "incomplete"
 """Refusal code of a request abandoned midway: its link ended, or the transport closed."""
-
-
-def max_parts(limits: Limits) -> int:
-    """Frames one message may have: header, payloads (one per array) and some slack."""
-    return limits.max_arrays + 3
-
-
-def max_frame(limits: Limits) -> int:
-    """The largest single frame a receiver with ``limits`` accepts."""
-    return limits.max_total_bytes + limits.max_header_bytes
 
 
 async def serve_request(
@@ -119,3 +109,6 @@ class TaskSet:
         while self._tasks or self._closers:
             await self.cancel_all()
             await asyncio.gather(*list(self._closers), return_exceptions=True)
+
+
+__all__ = ["INCOMPLETE", "TaskSet", "max_frame", "max_parts", "serve_request"]
