@@ -31,9 +31,10 @@ from overlay.membership import (
     policy_from_files,
     read_peer_list,
 )
+from overlay.models import OutgoingModel
 from overlay.protocol import ErrorCode, MsgType, decode, encode, signed_join
 from overlay.rendezvous_client import RendezvousClient
-from overlay.wire import ModelMessage, NamedArray
+from overlay.wire import NamedArray
 from peerlearn.cli import build_parser
 from rendezvous import RendezvousConfig, RendezvousServer, run_rendezvous
 from rendezvous.options import config_from_args
@@ -69,7 +70,7 @@ async def refusal(server: RendezvousServer, identity: Identity | None = None, jo
 
 @contextlib.asynccontextmanager
 async def host(server: RendezvousServer, listen: str | None = "tcp://127.0.0.1:0",
-               membership: JobPolicy | None = None) -> AsyncIterator[Host]:
+               membership: JobPolicy | None = None) -> AsyncIterator[Host[Any]]:
     h = Host(Identity.generate(), HostConfig(
         rendezvous=f"127.0.0.1:{server.port}", job=JOB, listen=listen, membership=membership,
         send_timeout=5.0, connect_timeout=5.0))
@@ -177,7 +178,7 @@ async def test_invited_peers_join_everybody_else_is_refused_with_a_reason() -> N
             async with client(server, bob, membership=policy) as b:
                 assert set(b.members) == {alice.peer_id}
                 await until(lambda: bob.peer_id in a.members)
-                assert a.members[bob.peer_id]["proof"] == policy.proof(JOB, bob.public_key)
+                assert a.members[bob.peer_id].proof == policy.proof(JOB, bob.public_key)
             exc = await refusal(server, bob)
             assert isinstance(exc, RendezvousRefused) and exc.code == ErrorCode.NOT_INVITED
             assert str(exc) == f"not_invited: job {JOB} needs a join secret"
@@ -248,15 +249,14 @@ async def test_peers_ignore_members_an_open_rendezvous_lets_in(
         # models from a peer outside the view are refused: its key is unknown to a
         await until(lambda: a.peer_id in mallory.members)  # mallory's own view is wrong
         arrays = [NamedArray("w", np.ones((4, 4), dtype=np.float32))]
-        msg = ModelMessage(job=JOB, sender=mallory.peer_id, epoch=1, samples=1, arrays=arrays)
-        frames, rid = mallory.encode(msg)
+        msg = OutgoingModel(job=JOB, sender=mallory.peer_id, epoch=1, samples=1, arrays=arrays)
         with pytest.raises(TransportError):
-            await mallory.send_model(a.peer_id, frames, rid)
+            await mallory.send_model(a.peer_id, await mallory.encode(msg))
         assert a.inbox.empty()
         # the invited peers do talk
-        frames, rid = b.encode(ModelMessage(job=JOB, sender=b.peer_id, epoch=1, samples=1,
-                                            arrays=arrays))
-        await b.send_model(a.peer_id, frames, rid)
+        encoded = await b.encode(OutgoingModel(job=JOB, sender=b.peer_id, epoch=1, samples=1,
+                                               arrays=arrays))
+        await b.send_model(a.peer_id, encoded)
         assert (await asyncio.wait_for(a.inbox.get(), WAIT)).sender == b.peer_id
     refusals = [r.getMessage() for r in caplog.records if "ignoring member" in r.getMessage()]
     assert any(f"{guesser.peer_id} that the rendezvous announced: wrong join secret" in m
@@ -322,7 +322,7 @@ async def test_a_flooding_session_is_told_then_closed() -> None:
 
 
 async def test_dialback_only_to_the_peers_own_ip(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="rendezvous.server")
+    caplog.set_level(logging.INFO, logger="rendezvous")
     # a "third party" on 127.0.0.2 while the peer connects from 127.0.0.1
     for any_host in (False, True):
         async with run_rendezvous(dialback_any_host=any_host, **FAST) as server, \

@@ -18,18 +18,17 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from zmq.utils import z85
 
 from overlay.errors import TransportError
 from overlay.host import Host, HostConfig
-from overlay.identity import (
-    Identity,
-    curve_public_key_from_ed25519,
-    ed25519_candidates_from_curve,
-)
-from overlay.transport.base import Frames
-from overlay.transport.zeromq import PeerOf, ZmqTransport
-from overlay.wire import FrameType, ModelMessage, NamedArray, encode_control
+from overlay.identity import Identity, curve_public_key_from_ed25519
+from overlay.models import OutgoingModel
+from overlay.transport.base import Frames, LinkKind
+from overlay.transport.zeromq import ZmqTransport
+from overlay.wire import FrameType, ModelMessage, NamedArray, encode_control, encode_model
 from rendezvous.server import RendezvousServer, run_rendezvous
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,11 +46,13 @@ assert len(CANARY) == 64
 def test_curve_keys_derived_both_ways_agree_and_pyzmq_accepts_them() -> None:
     for _ in range(100):
         ident = Identity.generate()
-        # from the public key alone (what every member can do) == X25519(derived secret)
-        assert curve_public_key_from_ed25519(ident.public_key) == ident.curve_public_key
-        assert zmq.curve_public(z85.encode(ident.curve_secret_key)) == z85.encode(
-            ident.curve_public_key)
-        assert ident.public_key in ed25519_candidates_from_curve(ident.curve_public_key)
+        # from the public key alone (what every member can do) == X25519(derived secret),
+        # computed independently by the cryptography library and by libzmq
+        curve = curve_public_key_from_ed25519(ident.public_key)
+        assert curve == ident.curve_public_key
+        assert X25519PrivateKey.from_private_bytes(ident.curve_secret_key).public_key(
+        ).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) == curve
+        assert zmq.curve_public(z85.encode(ident.curve_secret_key)) == z85.encode(curve)
         secret = ident.curve_secret_key
         assert secret[0] & 7 == 0 and secret[31] & 0x80 == 0 and secret[31] & 0x40  # clamped
     a, b = Identity.generate(), Identity.generate()
@@ -70,6 +71,7 @@ def _edwards_key(y: int, sign: int = 0) -> bytes:
     (_edwards_key(P - 1), "small order"),  # order 2 (u = 0)
     (_edwards_key(0), "small order"),  # order 4 (u = 1)
     (_edwards_key(0, 1), "small order"),
+    (_edwards_key(2), "off the curve"),  # no x for y = 2
 ])
 def test_unusable_ed25519_keys_are_refused(key: bytes, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -78,7 +80,7 @@ def test_unusable_ed25519_keys_are_refused(key: bytes, match: str) -> None:
 
 def test_points_off_the_curve_are_refused_and_the_others_map_onto_curve25519() -> None:
     refused = mapped = 0
-    for y in range(2, 60):
+    for y in range(2, 400):  # libsodium also refuses points outside the prime-order subgroup
         try:
             u = int.from_bytes(curve_public_key_from_ed25519(_edwards_key(y)), "little")
         except ValueError as exc:
@@ -109,12 +111,33 @@ class Echo:
         return [encode_control(FrameType.PONG, request_id=header.get("request_id")), *payloads]
 
 
+class Table:
+    """A directory (overlay.transport.base.Directory) the test fills in by hand."""
+
+    def __init__(self, curve_keys: dict[bytes, str] | None = None) -> None:
+        self.members: dict[str, tuple[bytes, str | None]] = {}
+        self.curve_keys = dict(curve_keys or {})
+
+    def add(self, peer_id: str, public_key: bytes, address: str | None) -> str:
+        self.members[peer_id] = (public_key, address)
+        return peer_id
+
+    def address_of(self, peer_id: str) -> str | None:
+        return self.members[peer_id][1] if peer_id in self.members else None
+
+    def public_key_of(self, peer_id: str) -> bytes | None:
+        return self.members[peer_id][0] if peer_id in self.members else None
+
+    def peer_of_curve_key(self, curve_public_key: bytes) -> str | None:
+        return self.curve_keys.get(curve_public_key)
+
+
 @contextlib.asynccontextmanager
 async def transport(handler: Echo | None = None, listen: str | None = LOOPBACK,
                     identity: Identity | None = None,
-                    peer_of: PeerOf | None = None) -> AsyncIterator[ZmqTransport]:
-    extra = {"peer_of": peer_of} if peer_of is not None else {}
-    t = ZmqTransport(identity or Identity.generate(), listen, handler or Echo(), **extra)
+                    directory: Table | None = None) -> AsyncIterator[ZmqTransport]:
+    t = ZmqTransport(identity or Identity.generate(), listen, handler or Echo(),
+                     directory=directory or Table())
     await t.start()
     try:
         yield t
@@ -127,18 +150,27 @@ def ping(*payloads: bytes) -> tuple[list[bytes], str]:
     return [encode_control(FrameType.PING, request_id=request_id), *payloads], request_id
 
 
+def knows(sender: ZmqTransport, server: ZmqTransport, address: str | None = None,
+          public_key: bytes | None = None) -> str:
+    """Tell ``sender``'s directory where ``server`` is; returns the peer id to ask."""
+    assert isinstance(sender.directory, Table)
+    return sender.directory.add(server.identity.peer_id,
+                                public_key or server.identity.public_key,
+                                address or server.address)
+
+
 async def test_request_over_curve_tells_the_handler_who_sent_it() -> None:
     client, stranger = Identity.generate(), Identity.generate()
     echo = Echo()
-    known = {client.curve_public_key: "the-client"}
-    async with transport(echo, peer_of=known.get) as server, \
+    known = Table({client.curve_public_key: "the-client"})
+    async with transport(echo, directory=known) as server, \
             transport(listen=None, identity=client) as a, \
             transport(listen=None, identity=stranger) as s:
         assert server.address is not None
         for sender in (a, s):
             frames, request_id = ping(b"hello")
-            header, payloads = await sender.request(server.address, server.identity.public_key,
-                                                    frames, request_id, timeout=5.0)
+            header, payloads = await sender.request(knows(sender, server), frames, request_id,
+                                                    timeout=5.0)
             assert header["type"] == FrameType.PONG.value and header["request_id"] == request_id
             assert [bytes(p) for p in payloads] == [b"hello"]
         assert echo.origins == ["the-client", None]
@@ -159,8 +191,7 @@ async def test_a_plain_client_gets_nothing_and_the_server_goes_on() -> None:
             assert echo.payloads == [] and server.stats.messages_in == 0
 
             frames, request_id = ping(b"curve")
-            header, _ = await a.request(server.address, server.identity.public_key, frames,
-                                        request_id, timeout=5.0)
+            header, _ = await a.request(knows(a, server), frames, request_id, timeout=5.0)
             assert header["type"] == FrameType.PONG.value
             assert echo.payloads == [b"curve"]
     finally:
@@ -172,27 +203,28 @@ async def test_a_listener_with_another_key_fails_the_handshake() -> None:
     echo = Echo()
     expected = Identity.generate()
     async with transport(echo) as impostor, transport(listen=None) as a:
-        assert impostor.address is not None
+        assert impostor.address is not None and isinstance(a.directory, Table)
+        x = a.directory.add(expected.peer_id, expected.public_key, impostor.address)
         frames, request_id = ping(b"for X only")
         started = time.monotonic()
         with pytest.raises(TransportError, match="handshake"):
-            await a.request(impostor.address, expected.public_key, frames, request_id,
-                            timeout=0.5)
+            await a.request(x, frames, request_id, timeout=0.5)
         assert time.monotonic() - started < 0.5 + 1.0
         assert echo.payloads == [] and impostor.stats.messages_in == 0
         # the listener is unaffected: its own key gets through
         frames, request_id = ping(b"for the listener")
-        header, _ = await a.request(impostor.address, impostor.identity.public_key, frames,
-                                    request_id, timeout=5.0)
+        header, _ = await a.request(knows(a, impostor), frames, request_id, timeout=5.0)
         assert header["type"] == FrameType.PONG.value
         assert echo.payloads == [b"for the listener"]
 
 
 async def test_an_unusable_peer_key_is_a_transport_error() -> None:
     async with transport(listen=None) as a:
+        assert isinstance(a.directory, Table)
+        peer = a.directory.add("broken", bytes(32), "tcp://127.0.0.1:1")
         frames, request_id = ping()
         with pytest.raises(TransportError, match="unusable peer key"):
-            await a.request("tcp://127.0.0.1:1", bytes(32), frames, request_id, timeout=1.0)
+            await a.request(peer, frames, request_id, timeout=1.0)
 
 
 # ---- the bytes on the wire ------------------------------------------------------------------
@@ -249,7 +281,7 @@ async def test_the_wire_carries_no_plaintext() -> None:
         relay = Relay(_port(server.address))
         async with relay.running() as via:
             frames, request_id = ping(CANARY * 4)
-            header, payloads = await a.request(via, server.identity.public_key, frames,
+            header, payloads = await a.request(knows(a, server, address=via), frames,
                                                request_id, timeout=5.0)
         assert header["type"] == FrameType.PONG.value
         assert [bytes(p) for p in payloads] == [CANARY * 4]  # it went there and back
@@ -282,7 +314,7 @@ async def test_the_relay_sees_plaintext_between_plain_sockets() -> None:
 
 
 @contextlib.asynccontextmanager
-async def host(server: RendezvousServer, listen: str | None) -> AsyncIterator[Host]:
+async def host(server: RendezvousServer, listen: str | None) -> AsyncIterator[Host[Any]]:
     h = Host(Identity.generate(),
              HostConfig(rendezvous=f"127.0.0.1:{server.port}", job=JOB, listen=listen))
     await h.start()
@@ -298,9 +330,18 @@ async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.05)
 
 
-def _model(h: Host, epoch: int) -> ModelMessage:
+def _model(h: Host[Any], epoch: int) -> OutgoingModel:
     arrays = [NamedArray("w", np.full((16, 16), float(epoch), dtype=np.float32))]
-    return ModelMessage(job=JOB, sender=h.peer_id, epoch=epoch, samples=10, arrays=arrays)
+    return OutgoingModel(job=JOB, sender=h.peer_id, epoch=epoch, samples=10, arrays=arrays)
+
+
+def _frames(h: Host[Any], epoch: int) -> tuple[Frames, str]:
+    """A model signed by ``h`` as it travels (frames and request id), for a hand-made request."""
+    request_id = secrets.token_hex(8)
+    model = _model(h, epoch)
+    msg = ModelMessage(job=model.job, sender=model.sender, epoch=epoch, samples=model.samples,
+                       arrays=list(model.arrays), request_id=request_id)
+    return encode_model(msg, h.identity), request_id
 
 
 async def test_strangers_get_a_pong_only_and_models_must_come_from_their_signer() -> None:
@@ -309,13 +350,12 @@ async def test_strangers_get_a_pong_only_and_models_must_come_from_their_signer(
             transport(listen=None) as stranger:
         await _until(lambda: {b.peer_id, c.peer_id} <= set(a.members)
                      and a.peer_id in b.members and a.peer_id in c.members)
-        address = a.transport.address
-        assert address is not None
-        key = a.identity.public_key
-        a.publish(_model(a, 3))
+        assert a.transport.address is not None
+        knows(stranger, a.transport)
+        a.publish(await a.encode(_model(a, 3)))
 
         async def ask(t: ZmqTransport, frames: Frames, request_id: str) -> dict[str, Any]:
-            header, _ = await t.request(address, key, frames, request_id, timeout=5.0)
+            header, _ = await t.request(a.peer_id, frames, request_id, timeout=5.0)
             return header
 
         # a stranger: ping answered ...
@@ -328,7 +368,7 @@ async def test_strangers_get_a_pong_only_and_models_must_come_from_their_signer(
         header = await ask(stranger, [get], request_id)
         assert header["type"] == FrameType.NACK.value and header["reason"] == "unknown_sender"
         # ... and a model, even one a member signed, refused
-        frames, request_id = c.encode(_model(c, 1))
+        frames, request_id = _frames(c, 1)
         header = await ask(stranger, frames, request_id)
         assert header["type"] == FrameType.NACK.value and header["reason"] == "unknown_sender"
 
@@ -339,10 +379,10 @@ async def test_strangers_get_a_pong_only_and_models_must_come_from_their_signer(
         assert a.inbox.empty()
         assert a.transport.stats.rejected == {"unknown_sender": 2, "sender_mismatch": 1}
 
-        # the same frames from c itself are accepted; a member may fetch
-        await c.send_model(a.peer_id, frames, request_id)
+        # the same model from c itself is accepted; a member may fetch
+        await c.send_model(a.peer_id, await c.encode(_model(c, 1)))
         got = await asyncio.wait_for(a.inbox.get(), 10)
         assert got.sender == c.peer_id and got.epoch == 1
         fetched = await b.fetch_model(a.peer_id)
         assert fetched.sender == a.peer_id and fetched.epoch == 3
-        assert b.links[a.peer_id]["kind"] == "zmq"
+        assert b.links[a.peer_id].kind is LinkKind.ZMQ

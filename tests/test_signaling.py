@@ -13,8 +13,9 @@ import pytest
 from test_rendezvous import FAST, client, join_frame, next_event, raw_ws, recv
 
 from overlay.errors import RendezvousError
+from overlay.events import Joined
 from overlay.identity import Identity
-from overlay.protocol import MAX_SIGNAL_BYTES, MsgType, encode
+from overlay.protocol import MAX_SIGNAL_BYTES, MsgType, SignalKind, encode
 from overlay.rendezvous_client import RendezvousClient
 from peerlearn.cli import TURN_SECRET_ENV, build_parser
 from rendezvous import RendezvousConfig, RendezvousServer, run_rendezvous
@@ -26,7 +27,8 @@ TURN = {"turn_urls": ["turn:turn.test:3478", "turn:turn.test:3478?transport=tcp"
         "turn_secret": SECRET}
 
 
-async def next_signal(c: RendezvousClient, timeout: float = WAIT) -> tuple[str, str, Any]:
+async def next_signal(c: RendezvousClient, timeout: float = WAIT
+                      ) -> tuple[str, SignalKind, Any]:
     return await asyncio.wait_for(c.signals.get(), timeout)
 
 
@@ -68,7 +70,7 @@ async def test_offer_answer_candidates_between_two_peers() -> None:
         assert got == [(a.peer_id, "candidate", c) for c in candidates] + [
             (a.peer_id, "bye", b"\x00\x01")]
         # Signals never show up as membership events.
-        assert (await next_event(a))[0] == "joined" and a.events.empty()
+        assert isinstance(await next_event(a), Joined) and a.events.empty()
 
 
 async def test_from_is_set_by_the_server_not_the_sender() -> None:

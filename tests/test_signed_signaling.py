@@ -22,6 +22,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from overlay.errors import SignalError
 from overlay.host import Host, HostConfig
 from overlay.identity import DOMAIN_MODEL, DOMAIN_SIGNAL, Identity
+from overlay.models import OutgoingModel
 from overlay.protocol import MAX_SIGNAL_BYTES, MsgType, encode
 from overlay.signaling import (
     NONCE_SIZE,
@@ -31,7 +32,8 @@ from overlay.signaling import (
     seal,
     unpack_payload,
 )
-from overlay.wire import ModelMessage, NamedArray
+from overlay.transport.base import LinkKind
+from overlay.wire import NamedArray
 from rendezvous import RendezvousConfig, RendezvousServer
 
 JOB = "signed"
@@ -301,7 +303,7 @@ async def _malicious() -> AsyncIterator[MaliciousRendezvous]:
 
 
 @contextlib.asynccontextmanager
-async def _host(server: RendezvousServer, identity: Identity) -> AsyncIterator[Host]:
+async def _host(server: RendezvousServer, identity: Identity) -> AsyncIterator[Host[Any]]:
     host = Host(identity, HostConfig(rendezvous=f"127.0.0.1:{server.port}", job=JOB,
                                      connect_timeout=15.0))
     await host.start()
@@ -311,14 +313,14 @@ async def _host(server: RendezvousServer, identity: Identity) -> AsyncIterator[H
         await host.close()
 
 
-def _rejected(host: Host) -> dict[str, int]:
+def _rejected(host: Host[Any]) -> dict[str, int]:
     assert host.webrtc is not None
     return dict(host.webrtc.stats.rejected)
 
 
-def _model(host: Host) -> ModelMessage:
+def _model(host: Host[Any]) -> OutgoingModel:
     arrays = [NamedArray("w", np.arange(1000, dtype=np.float32))]
-    return ModelMessage(job=JOB, sender=host.peer_id, epoch=1, samples=10, arrays=arrays)
+    return OutgoingModel(job=JOB, sender=host.peer_id, epoch=1, samples=10, arrays=arrays)
 
 
 # -- aiortc enforces the fingerprint that the signed SDP carries ------------------------------
@@ -437,11 +439,10 @@ async def test_a_malicious_rendezvous_is_caught(caplog: pytest.LogCaptureFixture
         await lo.webrtc.forget(hi.peer_id)
         await hi.webrtc.forget(lo.peer_id)
         server.honest = True
-        frames, rid = lo.encode(_model(lo))
-        await lo.send_model(hi.peer_id, frames, rid)
+        await lo.send_model(hi.peer_id, await lo.encode(_model(lo)))
         got = await asyncio.wait_for(hi.inbox.get(), 10)
         assert got.sender == lo.peer_id
-        assert lo.links[hi.peer_id]["kind"] == "webrtc-direct"
+        assert lo.links[hi.peer_id].kind is LinkKind.WEBRTC_DIRECT
         assert [_rejected(h) for h in (lo, hi, third)] == before
     logging.getLogger(__name__).info("malicious rendezvous test: %.1f s",
                                      time.monotonic() - started)
