@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -91,17 +90,14 @@ async def running_host(rendezvous: RendezvousServer | str, *, identity: Identity
     """A started overlay :class:`Host` (a fresh identity unless given; ZeroMQ on port 0,
     ``listen=None``: not reachable), closed on exit. ``config``: further :class:`HostConfig`
     fields (``send_timeout``, ``membership``, ...). ``accept`` turns each received model into
-    what lands in ``inbox`` (default: the received model itself)."""
+    what lands in ``inbox`` (default: the :class:`overlay.models.ReceivedModel` itself)."""
     from overlay.host import Host, HostConfig
     from overlay.identity import Identity
 
     host_config = HostConfig(rendezvous=_url(rendezvous), job=job, listen=listen, **config)
     ident = identity or Identity.generate()
-    if "accept" in inspect.signature(Host.__init__).parameters:  # contract H
-        host = Host(ident, host_config, dict(meta or {}), accept=accept or _accept_as_is,
-                    on_member_event=on_member_event)
-    else:  # until overlay's contract H lands: Host(identity, config, meta, validator, ...)
-        host = Host(ident, host_config, dict(meta or {}), on_member_event=on_member_event)
+    host: Host[Any] = Host(ident, host_config, dict(meta or {}),
+                           accept=accept or _accept_as_is, on_member_event=on_member_event)
     await host.start()
     try:
         yield host
