@@ -235,10 +235,10 @@ async def test_training_peer_survives_zmq_and_webrtc_blasts(swarm: LocalSwarm,
                 chunks = merged(chunks, r)
 
             # still answering on both transports
-            for exchange in (host._exchange, host.webrtc.request):
+            for transport in (host.transport, host.webrtc):
                 rid = secrets.token_hex(4)
-                header, _ = await exchange(peer_id, [encode_control(FrameType.PING,
-                                                                    request_id=rid)], rid, 30)
+                ping = [encode_control(FrameType.PING, request_id=rid)]
+                header, _ = await transport.request(peer_id, ping, rid, timeout=30)
                 assert header["type"] == FrameType.PONG.value
             assert peer.poll() is None, "the blast outlasted the peer: raise its --linger"
     except BaseException:
