@@ -238,6 +238,7 @@ class Host(Generic[T]):
             if isinstance(event, Joined):
                 log.info("peer joined: %s (%s)", event.peer_id,
                          event.member.address or "behind NAT")
+                self._remember_curve_key(event.member)
             else:
                 log.info("peer left: %s (%s)", event.peer_id, event.reason)
                 curve = self._curve_of.pop(event.peer_id, None)
@@ -288,22 +289,30 @@ class Host(Generic[T]):
         return member.public_key if member is not None else None
 
     def peer_of_curve_key(self, curve_public_key: bytes) -> str | None:
-        """The member whose identity gives this CURVE key, or None (a forward map: the keys
-        of members not seen yet are converted on a miss)."""
+        """The member whose identity gives this CURVE key, or None. A forward map, filled on
+        ``joined`` and emptied on ``left``; on a miss, members whose event is still on its
+        way (or who came in the welcome) are converted and added first."""
         peer_id = self._peer_of_curve.get(curve_public_key)
         if peer_id is None:
-            for pid, member in list(self.members.items()):
+            for pid, known in list(self.members.items()):
                 if pid not in self._curve_of:
-                    try:
-                        curve = curve_public_key_from_ed25519(member.public_key)
-                    except ValueError:
-                        continue
-                    self._curve_of[pid] = curve
-                    self._peer_of_curve[curve] = pid
+                    self._remember_curve_key(known)
             peer_id = self._peer_of_curve.get(curve_public_key)
-        if peer_id is None or peer_id not in self.members:
+        member = self.members.get(peer_id) if peer_id is not None else None
+        if member is None or self._curve_of.get(member.peer_id) != curve_public_key:
             return None
-        return peer_id
+        return member.peer_id
+
+    def _remember_curve_key(self, member: Member) -> None:
+        try:
+            curve = curve_public_key_from_ed25519(member.public_key)
+        except ValueError:  # the rendezvous checked the key; libsodium refuses it anyway
+            return
+        old = self._curve_of.get(member.peer_id)
+        if old is not None and old != curve:
+            self._peer_of_curve.pop(old, None)
+        self._curve_of[member.peer_id] = curve
+        self._peer_of_curve[curve] = member.peer_id
 
     # ---- incoming ------------------------------------------------------------------------
 
