@@ -171,7 +171,6 @@ class WebRtcLink:
         return {"kind": self.kind, "connect_s": self.connect_s, "state": str(self.state)}
 
     # ---- connecting ------------------------------------------------------------------------
-
     def start(self) -> None:
         self._set_state(LinkState.CONNECTING, "offering" if self.offerer else "answering")
         self._runner = self._transport.tasks.spawn(self._run(), f"webrtc-connect-{self.peer_id}")
@@ -272,7 +271,6 @@ class WebRtcLink:
             await asyncio.gather(self._closer, return_exceptions=True)
 
     # ---- sending ---------------------------------------------------------------------------
-
     def _send_raw(self, message: bytes) -> None:
         if self.state is not LinkState.OPEN or self.channel.readyState != "open":
             raise TransportError(f"{self.peer_id}: link {self.state}")
@@ -334,7 +332,6 @@ class WebRtcLink:
                     fut.exception()  # the link ended while we were still sending
 
     # ---- receiving -------------------------------------------------------------------------
-
     def _on_message(self, message: bytes | str) -> None:
         if self.is_done:
             return
