@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import urllib.request
 from typing import Any
 
@@ -21,10 +22,11 @@ from overlay.host import Host, HostConfig
 from overlay.identity import Identity
 from overlay.membership import Member
 from overlay.models import OutgoingModel, ReceivedModel
+from overlay.rendezvous_client import ClientState
 from overlay.transport.base import Frames, LinkKind, Reply, Transport, TransportStats
 from overlay.wire import FrameType, NamedArray, decode_header, encode_control
 from rendezvous.server import RendezvousServer, run_rendezvous
-from testkit.fixtures import running_host, until
+from testkit.fixtures import running_client, running_host, until
 
 JOB = "hosttest"
 pytestmark = pytest.mark.timeout(60)
@@ -167,6 +169,35 @@ async def test_host_is_an_async_context_manager_closed_twice() -> None:
             assert started is host and host.state == "started"
         assert host.state == "closed"
         await host.close()
+
+
+async def test_state_changes_are_logged_old_to_new(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="overlay")
+    async with run_rendezvous() as server:
+        async with running_client(server, job=JOB) as client:
+            assert client.state is ClientState.CONNECTED
+        assert client.state is ClientState.CLOSED
+        async with running_host(server, job=JOB):
+            pass
+    changes = [r.getMessage().split(": ", 1)[1] for r in caplog.records
+               if " -> " in r.getMessage()]
+    assert changes[:3] == ["new -> connecting", "connecting -> connected",
+                           "connected -> closed"]
+    assert "new -> started" in changes and "started -> closed" in changes
+
+
+def test_a_member_map_becomes_a_typed_member_or_nothing() -> None:
+    ident = Identity.generate()
+    wire = {"peer_id": ident.peer_id, "public_key": ident.public_key,
+            "addrs": ["tcp://10.0.0.1:5555"], "meta": {"num": 3}, "joined_at": 12.5,
+            "proof": b"p" * 32}
+    member = Member.from_wire(wire)
+    assert member == Member(ident.peer_id, ident.public_key, ("tcp://10.0.0.1:5555",),
+                            member.meta if member else {}, 12.5, b"p" * 32)
+    assert member is not None and member.meta["num"] == 3 and member.address == wire["addrs"][0]
+    for bad in ({**wire, "peer_id": Identity.generate().peer_id}, {**wire, "addrs": "x"},
+                {**wire, "public_key": "k"}, ["not", "a", "map"]):
+        assert Member.from_wire(bad) is None
 
 
 # ---- the connection manager alone -----------------------------------------------------------
