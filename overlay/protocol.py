@@ -45,7 +45,6 @@ import msgpack
 
 from overlay.errors import ProtocolError
 from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity
-from overlay.transport.base import LinkKind
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -304,7 +303,9 @@ def check_signal(fields: dict[str, Any], peer_field: str) -> tuple[str, SignalKi
     return peer, kind, fields["data"]
 
 
-LINK_KINDS = frozenset(kind.value for kind in LinkKind)
+LINK_KINDS = frozenset(["zmq", "webrtc-direct", "webrtc-relay"])
+"""The values of ``overlay.transport.base.LinkKind`` (not imported here: the rendezvous runs
+without numpy, which the transports need; tests/test_host.py checks that they agree)."""
 MAX_LINKS = 256
 
 

@@ -22,6 +22,7 @@ from overlay.host import Host, HostConfig
 from overlay.identity import Identity
 from overlay.membership import Member
 from overlay.models import OutgoingModel, ReceivedModel
+from overlay.protocol import LINK_KINDS
 from overlay.rendezvous_client import ClientState
 from overlay.transport.base import Frames, LinkKind, Reply, Transport, TransportStats
 from overlay.wire import FrameType, NamedArray, decode_header, encode_control
@@ -184,6 +185,10 @@ async def test_state_changes_are_logged_old_to_new(caplog: pytest.LogCaptureFixt
     assert changes[:3] == ["new -> connecting", "connecting -> connected",
                            "connected -> closed"]
     assert "new -> started" in changes and "started -> closed" in changes
+
+
+def test_the_protocol_knows_every_link_kind() -> None:
+    assert {kind.value for kind in LinkKind} == LINK_KINDS
 
 
 def test_a_member_map_becomes_a_typed_member_or_nothing() -> None:
