@@ -25,7 +25,7 @@ class OutgoingModel:
     epoch: int
     samples: int
     arrays: Sequence[NamedArray]
-    """Must not change until encoded (``Host.encode`` copies what it keeps)."""
+    """Hand over arrays that no longer change (a copy): raw payloads are views of them."""
     codec: str = "raw"
     """How floating arrays travel: ``raw``, ``fp16`` or ``int8`` (overlay.codecs)."""
 
@@ -43,7 +43,7 @@ class EncodedModel:
     header: dict[str, Any] = field(repr=False)
     """The signed header map (without a request id): the overlay's, not the learner's."""
     payloads: tuple[memoryview, ...] = field(repr=False)
-    """The encoded payload frames (own copies: the learner's arrays may change after)."""
+    """The encoded payload frames (for ``raw`` arrays: views of the handed-over arrays)."""
 
 
 @dataclass(frozen=True)
