@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from overlay.dialback import answer_probe
 from overlay.errors import RendezvousError
+from overlay.events import Joined, Left
 from overlay.identity import DOMAIN_RENDEZVOUS_AUTH, Identity
 from overlay.protocol import MAX_MESSAGE_BYTES, MsgType, decode, encode
 from overlay.rendezvous_client import RendezvousClient, normalize_url
@@ -51,7 +52,7 @@ async def client(
         await c.close()
 
 
-async def next_event(c: RendezvousClient, timeout: float = WAIT) -> tuple[Any, ...]:
+async def next_event(c: RendezvousClient, timeout: float = WAIT) -> Joined | Left:
     return await asyncio.wait_for(c.events.get(), timeout)
 
 
@@ -186,13 +187,15 @@ async def test_join_welcome_and_pushed_events() -> None:
         assert a.ice_servers == [{"urls": [f"stun:127.0.0.1:{server.stun_port}"]}]
         async with client(server, meta={"samples": 7}) as b:
             assert list(b.members) == [a.peer_id]
-            assert b.members[a.peer_id]["public_key"] == a.identity.public_key
-            kind, member = await next_event(a)
-            assert kind == "joined" and member["peer_id"] == b.peer_id
-            assert member["meta"] == {"samples": 7} and member["addrs"] == []
+            assert b.members[a.peer_id].public_key == a.identity.public_key
+            event = await next_event(a)
+            assert isinstance(event, Joined)
+            member = event.member
+            assert member.peer_id == b.peer_id
+            assert dict(member.meta) == {"samples": 7} and member.addrs == ()
             started = time.monotonic()
         # b left cleanly: a hears it at once, not after the TTL.
-        assert await next_event(a) == ("left", b.peer_id, "leave")
+        assert await next_event(a) == Left(b.peer_id, "leave")
         assert time.monotonic() - started < 1.0
         assert a.members == {}
         # Other jobs are separate.
@@ -205,12 +208,12 @@ async def test_dropped_socket_expires_after_ttl() -> None:
     async with run_rendezvous(**FAST) as server, client(server) as a:
         b = RendezvousClient(server.url, Identity.generate(), "mnist", [], {}, reconnect=False)
         await b.start()
-        assert (await next_event(a))[0] == "joined"
+        assert isinstance(await next_event(a), Joined)
         started = time.monotonic()
         await b.close(leave=False)
         status, body = await get_json(server, "/peers?job=mnist")
         assert {p["peer_id"]: p["connected"] for p in body["peers"]}[b.peer_id] is False
-        assert await next_event(a, timeout=FAST["ttl"] + 2.0) == ("left", b.peer_id, "expired")
+        assert await next_event(a, timeout=FAST["ttl"] + 2.0) == Left(b.peer_id, "expired")
         assert FAST["ttl"] - 0.2 < time.monotonic() - started < FAST["ttl"] + 1.5
         # a itself stayed alive through its heartbeats.
         status, body = await get_json(server, "/peers?job=mnist")
@@ -221,7 +224,7 @@ async def test_same_key_replaces_the_old_session_silently() -> None:
     async with run_rendezvous(**FAST) as server, client(server) as a:
         key = Identity.generate()
         async with client(server, key, reconnect=False) as first:
-            assert (await next_event(a))[0] == "joined"
+            assert isinstance(await next_event(a), Joined)
             async with client(server, key) as second:
                 await asyncio.wait_for(_until_closed(first), WAIT)
                 assert second.members.keys() == {a.peer_id}
@@ -371,8 +374,8 @@ async def test_only_addresses_that_answer_with_the_right_key_are_kept() -> None:
         async with client(server, me, addrs=[theirs, mine, dead]) as c:
             assert time.monotonic() - started < FAST["dialback_timeout"] + 1.0  # in parallel
             assert c.reachable_addrs == [mine]
-            kind, member = await next_event(watcher)
-            assert kind == "joined" and member["addrs"] == [mine]
+            event = await next_event(watcher)
+            assert isinstance(event, Joined) and event.member.addrs == (mine,)
             _, body = await get_json(server, "/peers?job=mnist")
             reach = {p["peer_id"]: (p["reachable"], p["addrs"]) for p in body["peers"]}
             assert reach == {c.peer_id: (True, [mine]), watcher.peer_id: (False, [])}
@@ -388,18 +391,18 @@ async def test_client_rejoins_a_restarted_server_and_reconciles() -> None:
         await a.start()
         b = RendezvousClient(first.url, Identity.generate(), "mnist", [], {}, reconnect=False)
         await b.start()
-        assert (await next_event(a))[0] == "joined"
+        assert isinstance(await next_event(a), Joined)
     await b.close()  # the server is gone; b does not come back
     try:
         async with run_rendezvous(**FAST, port=port) as second:
             # a re-joins by itself; b is not in the new welcome, so a hears it is lost.
-            assert await next_event(a, timeout=5.0) == ("left", b.peer_id, "lost")
+            assert await next_event(a, timeout=5.0) == Left(b.peer_id, "lost")
             assert a.connected and a.members == {}
             _, body = await get_json(second, "/peers?job=mnist")
             assert [p["peer_id"] for p in body["peers"]] == [a.peer_id]
             async with client(second) as c:
-                kind, member = await next_event(a)
-                assert kind == "joined" and member["peer_id"] == c.peer_id
+                event = await next_event(a)
+                assert isinstance(event, Joined) and event.member.peer_id == c.peer_id
     finally:
         await a.close()
         await a.close()  # idempotent
