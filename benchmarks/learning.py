@@ -40,7 +40,9 @@ from learner.model import build_model
 from learner.partition import split_dataset
 from learner.prepare import job_seed
 from learner.train import evaluate, make_optimizer, make_scheduler, train_epoch
-from testkit.swarm import LocalSwarm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # testkit, from any cwd
+from testkit.swarm import LocalSwarm  # noqa: E402
 
 DATASET = "digits"
 ROOT = Path(__file__).resolve().parents[1]
