@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -23,13 +23,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from zmq.utils import z85
 
 from overlay.errors import TransportError
-from overlay.host import Host, HostConfig
+from overlay.host import Host
 from overlay.identity import Identity, curve_public_key_from_ed25519
 from overlay.models import OutgoingModel
 from overlay.transport.base import Frames, LinkKind
 from overlay.transport.zeromq import ZmqTransport
 from overlay.wire import FrameType, ModelMessage, NamedArray, encode_control, encode_model
-from rendezvous.server import RendezvousServer, run_rendezvous
+from rendezvous.server import run_rendezvous
+from testkit.fixtures import running_host, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -313,23 +314,6 @@ async def test_the_relay_sees_plaintext_between_plain_sockets() -> None:
 # ---- hosts: strangers and members -----------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def host(server: RendezvousServer, listen: str | None) -> AsyncIterator[Host[Any]]:
-    h = Host(Identity.generate(),
-             HostConfig(rendezvous=f"127.0.0.1:{server.port}", job=JOB, listen=listen))
-    await h.start()
-    try:
-        yield h
-    finally:
-        await h.close()
-
-
-async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.05)
-
-
 def _model(h: Host[Any], epoch: int) -> OutgoingModel:
     arrays = [NamedArray("w", np.full((16, 16), float(epoch), dtype=np.float32))]
     return OutgoingModel(job=JOB, sender=h.peer_id, epoch=epoch, samples=10, arrays=arrays)
@@ -345,11 +329,13 @@ def _frames(h: Host[Any], epoch: int) -> tuple[Frames, str]:
 
 
 async def test_strangers_get_a_pong_only_and_models_must_come_from_their_signer() -> None:
-    async with run_rendezvous() as server, host(server, LOOPBACK) as a, \
-            host(server, None) as b, host(server, None) as c, \
+    async with run_rendezvous() as server, running_host(server, job=JOB, listen=LOOPBACK) as a, \
+            running_host(server, job=JOB, listen=None) as b, \
+            running_host(server, job=JOB, listen=None) as c, \
             transport(listen=None) as stranger:
-        await _until(lambda: {b.peer_id, c.peer_id} <= set(a.members)
-                     and a.peer_id in b.members and a.peer_id in c.members)
+        await until(lambda: {b.peer_id, c.peer_id} <= set(a.members)
+                    and a.peer_id in b.members and a.peer_id in c.members,
+                    timeout=10.0, interval=0.05)
         assert a.transport.address is not None
         knows(stranger, a.transport)
         a.publish(await a.encode(_model(a, 3)))
