@@ -20,7 +20,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from overlay.errors import SignalError
-from overlay.host import Host, HostConfig
+from overlay.host import Host
 from overlay.identity import DOMAIN_MODEL, DOMAIN_SIGNAL, Identity
 from overlay.models import OutgoingModel
 from overlay.protocol import MAX_SIGNAL_BYTES, MsgType, encode
@@ -35,6 +35,7 @@ from overlay.signaling import (
 from overlay.transport.base import LinkKind
 from overlay.wire import NamedArray
 from rendezvous import RendezvousConfig, RendezvousServer
+from testkit.fixtures import running_host, until
 
 JOB = "signed"
 NOW = 1_700_000_000.0
@@ -286,12 +287,6 @@ def _retouch(sealed: bytes, **changes: Any) -> bytes:
     return bytes(msgpack.packb(payload, use_bin_type=True) + sealed[-64:])
 
 
-async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-
 @contextlib.asynccontextmanager
 async def _malicious() -> AsyncIterator[MaliciousRendezvous]:
     server = MaliciousRendezvous(RendezvousConfig(host="127.0.0.1", port=0, stun_port=None))
@@ -300,17 +295,6 @@ async def _malicious() -> AsyncIterator[MaliciousRendezvous]:
         yield server
     finally:
         await server.close()
-
-
-@contextlib.asynccontextmanager
-async def _host(server: RendezvousServer, identity: Identity) -> AsyncIterator[Host[Any]]:
-    host = Host(identity, HostConfig(rendezvous=f"127.0.0.1:{server.port}", job=JOB,
-                                     connect_timeout=15.0))
-    await host.start()
-    try:
-        yield host
-    finally:
-        await host.close()
 
 
 def _rejected(host: Host[Any]) -> dict[str, int]:
@@ -353,12 +337,15 @@ async def test_a_malicious_rendezvous_is_caught(caplog: pytest.LogCaptureFixture
     started = time.monotonic()
     async with (
         _malicious() as server,
-        _host(server, lo_id) as lo,  # lo offers (smaller id), hi answers
-        _host(server, hi_id) as hi,
-        _host(server, Identity.generate()) as third,
+        running_host(server, identity=lo_id, job=JOB, listen=None,
+                     connect_timeout=15.0) as lo,  # lo offers (smaller id), hi answers
+        running_host(server, identity=hi_id, job=JOB, listen=None,
+                     connect_timeout=15.0) as hi,
+        running_host(server, job=JOB, listen=None, connect_timeout=15.0) as third,
     ):
         ids = {h.peer_id for h in (lo, hi, third)}
-        await _until(lambda: all(set(h.members) == ids - {h.peer_id} for h in (lo, hi, third)))
+        await until(lambda: all(set(h.members) == ids - {h.peer_id} for h in (lo, hi, third)),
+                    timeout=10.0)
         assert lo.webrtc is not None and hi.webrtc is not None and third.webrtc is not None
         hi_rtc = hi.webrtc
         assert lo.rendezvous is not None and lo.rendezvous.ice_servers == []
@@ -378,8 +365,8 @@ async def test_a_malicious_rendezvous_is_caught(caplog: pytest.LogCaptureFixture
             rogue, {"v": 1, "from": hi.peer_id, "to": lo.peer_id, "job": JOB, "kind": "answer",
                       "body": {"type": "answer", "sdp": mitm_answer, "stage": "any"},
                       "ts": time.time(), "nonce": secrets.token_bytes(NONCE_SIZE)}))
-        await _until(lambda: _rejected(hi).get("signal_bad_signature") == 1
-                     and _rejected(lo).get("signal_bad_signature") == 1)
+        await until(lambda: _rejected(hi).get("signal_bad_signature") == 1
+                    and _rejected(lo).get("signal_bad_signature") == 1, timeout=10.0)
         # had hi answered the MITM's offer, the MITM would now complete its side with it
         while not server.captured.empty():
             relayed = server.captured.get_nowait()
@@ -403,8 +390,8 @@ async def test_a_malicious_rendezvous_is_caught(caplog: pytest.LogCaptureFixture
                       "nonce": secrets.token_bytes(NONCE_SIZE)}))
         server.inject(hi.peer_id, rogue.peer_id, "offer", seal(rogue, hi.peer_id, JOB, "offer",
                                                                offer_body))
-        await _until(lambda: sum(_rejected(hi).values()) == 6
-                     and sum(_rejected(third).values()) == 1)
+        await until(lambda: sum(_rejected(hi).values()) == 6
+                    and sum(_rejected(third).values()) == 1, timeout=10.0)
         assert _rejected(hi) == {"signal_bad_signature": 2, "signal_unsigned": 1,
                                  "signal_sender_mismatch": 1, "signal_kind_mismatch": 1,
                                  "signal_not_member": 1}
@@ -419,12 +406,13 @@ async def test_a_malicious_rendezvous_is_caught(caplog: pytest.LogCaptureFixture
         server.inject(lo.peer_id, hi.peer_id, "answer", answer.data)
         link = await asyncio.wait_for(attempt, 20)
         assert link.is_open
-        await _until(lambda: (hi_rtc.link_info(lo.peer_id) or {}).get("state") == "open")
+        await until(lambda: (hi_rtc.link_info(lo.peer_id) or {}).get("state") == "open",
+                    timeout=10.0)
         # ... but replayed (which would otherwise tear the open link down) it is refused
         server.inject(hi.peer_id, lo.peer_id, "offer", genuine.data)
         server.inject(lo.peer_id, hi.peer_id, "answer", answer.data)
-        await _until(lambda: _rejected(hi).get("signal_replayed") == 1
-                     and _rejected(lo).get("signal_replayed") == 1)
+        await until(lambda: _rejected(hi).get("signal_replayed") == 1
+                    and _rejected(lo).get("signal_replayed") == 1, timeout=10.0)
         assert (hi.webrtc.link_info(lo.peer_id) or {}).get("state") == "open"
         assert link.is_open
 
