@@ -6,13 +6,11 @@ A real rendezvous on port 0 with real clients and hosts; one real-process CLI te
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import subprocess
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ import numpy as np
 import pytest
 
 from overlay.errors import RendezvousError, RendezvousRefused, TransportError
-from overlay.host import Host, HostConfig
 from overlay.identity import Identity
 from overlay.membership import (
     JobPolicy,
@@ -36,55 +33,23 @@ from overlay.protocol import ErrorCode, MsgType, decode, encode, signed_join
 from overlay.rendezvous_client import RendezvousClient
 from overlay.wire import NamedArray
 from peerlearn.cli import build_parser
-from rendezvous import RendezvousConfig, RendezvousServer, run_rendezvous
+from rendezvous import RendezvousConfig, RendezvousServer
 from rendezvous.options import config_from_args
 from rendezvous.ratelimit import KeyedRateLimiter, TokenBucket
+from testkit.fixtures import running_client, running_host, running_rendezvous, until
 from testkit.swarm import LocalSwarm
 
 JOB = "closed"
 SECRET = b"correct horse battery staple"
-FAST = {"ttl": 2.0, "heartbeat_interval": 0.5, "dialback_timeout": 1.0, "join_timeout": 2.0}
 WAIT = 5.0
-
-
-@contextlib.asynccontextmanager
-async def client(
-    server: RendezvousServer, identity: Identity | None = None, job: str = JOB, **kw: Any
-) -> AsyncIterator[RendezvousClient]:
-    c = RendezvousClient(server.url, identity or Identity.generate(), job, kw.pop("addrs", []),
-                         {}, backoff_initial=0.1, **kw)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def refusal(server: RendezvousServer, identity: Identity | None = None, job: str = JOB,
                   **kw: Any) -> RendezvousError:
     with pytest.raises(RendezvousError) as info:
-        async with client(server, identity, job, **kw):
+        async with running_client(server, identity, job, **kw):
             pass
     return info.value
-
-
-@contextlib.asynccontextmanager
-async def host(server: RendezvousServer, listen: str | None = "tcp://127.0.0.1:0",
-               membership: JobPolicy | None = None) -> AsyncIterator[Host[Any]]:
-    h = Host(Identity.generate(), HostConfig(
-        rendezvous=f"127.0.0.1:{server.port}", job=JOB, listen=listen, membership=membership,
-        send_timeout=5.0, connect_timeout=5.0))
-    await h.start()
-    try:
-        yield h
-    finally:
-        await h.close()
-
-
-async def until(predicate, timeout: float = WAIT) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 async def http(server: RendezvousServer, path: str) -> str:
@@ -173,9 +138,9 @@ async def test_invited_peers_join_everybody_else_is_refused_with_a_reason() -> N
     alice, bob, carol = Identity.generate(), Identity.generate(), Identity.generate()
     policy = JobPolicy(secret=SECRET, allowed_peers=frozenset([alice.peer_id, bob.peer_id]))
     wrong = JobPolicy(secret=b"not the job's secret at all")
-    async with run_rendezvous(jobs={JOB: policy}, **FAST) as server:
-        async with client(server, alice, membership=policy) as a:
-            async with client(server, bob, membership=policy) as b:
+    async with running_rendezvous(fast=True, jobs={JOB: policy}) as server:
+        async with running_client(server, alice, JOB, membership=policy) as a:
+            async with running_client(server, bob, JOB, membership=policy) as b:
                 assert set(b.members) == {alice.peer_id}
                 await until(lambda: bob.peer_id in a.members)
                 assert a.members[bob.peer_id].proof == policy.proof(JOB, bob.public_key)
@@ -188,9 +153,9 @@ async def test_invited_peers_join_everybody_else_is_refused_with_a_reason() -> N
             assert str(exc) == f"not_invited: peer {carol.peer_id} is not on job {JOB}'s list"
             assert [m.peer_id for m in server.registry.members(JOB)] == [alice.peer_id]
             # other jobs stay open on an open rendezvous
-            async with client(server, carol, job="public") as c:
+            async with running_client(server, carol, job="public") as c:
                 assert c.members == {}
-    async with run_rendezvous(closed=True, jobs={JOB: policy}, **FAST) as server:
+    async with running_rendezvous(fast=True, closed=True, jobs={JOB: policy}) as server:
         exc = await refusal(server, job="public")
         assert str(exc) == "not_invited: job public is not served by this rendezvous"
 
@@ -198,17 +163,17 @@ async def test_invited_peers_join_everybody_else_is_refused_with_a_reason() -> N
 async def test_invited_peer_rejoins_a_restarted_rendezvous_a_dropped_one_gives_up() -> None:
     alice = Identity.generate()
     policy = JobPolicy(secret=SECRET)
-    async with run_rendezvous(jobs={JOB: policy}, **FAST) as first:
+    async with running_rendezvous(fast=True, jobs={JOB: policy}) as first:
         port = first.port
         c = RendezvousClient(first.url, alice, JOB, [], {}, backoff_initial=0.1,
                              membership=policy)
         await c.start()
     try:
-        async with run_rendezvous(jobs={JOB: policy}, port=port, **FAST) as second:
+        async with running_rendezvous(fast=True, jobs={JOB: policy}, port=port) as second:
             await until(lambda: c.connected and second.registry.get(alice.peer_id) is not None)
         # the next one no longer invites alice: she stops trying instead of looping
         other = JobPolicy(secret=b"the new secret of the closed job")
-        async with run_rendezvous(jobs={JOB: other}, port=port, **FAST) as third:
+        async with running_rendezvous(fast=True, jobs={JOB: other}, port=port) as third:
             await until(lambda: c.refused is not None)
             assert "wrong join secret" in str(c.refused) and not c.connected
             assert third.registry.get(alice.peer_id) is None
@@ -219,8 +184,8 @@ async def test_invited_peer_rejoins_a_restarted_rendezvous_a_dropped_one_gives_u
 
 async def test_refused_joins_are_bounded_per_ip() -> None:
     policy = JobPolicy(secret=SECRET)
-    async with run_rendezvous(jobs={JOB: policy}, failed_join_burst=2,
-                              failed_join_rate=0.01, **FAST) as server:
+    async with running_rendezvous(fast=True, jobs={JOB: policy}, failed_join_burst=2,
+                                  failed_join_rate=0.01) as server:
         for _ in range(2):
             assert "needs a join secret" in str(await refusal(server))
         exc = await refusal(server, membership=policy)  # even a good join, now
@@ -236,10 +201,14 @@ async def test_peers_ignore_members_an_open_rendezvous_lets_in(
     policy = JobPolicy(secret=SECRET)
     caplog.set_level(logging.WARNING, logger="overlay.rendezvous_client")
     # an open (or misconfigured, or lying) rendezvous: it admits anybody
-    async with run_rendezvous(**FAST) as server, host(server, membership=policy) as a, \
-            host(server, membership=policy) as b, \
-            host(server) as mallory, \
-            client(server, membership=JobPolicy(secret=b"a guessed secret, wrong")) as guesser:
+    async with running_rendezvous(fast=True) as server, \
+            running_host(server, job=JOB, membership=policy, send_timeout=5.0,
+                         connect_timeout=5.0) as a, \
+            running_host(server, job=JOB, membership=policy, send_timeout=5.0,
+                         connect_timeout=5.0) as b, \
+            running_host(server, job=JOB, send_timeout=5.0, connect_timeout=5.0) as mallory, \
+            running_client(server, job=JOB,
+                           membership=JobPolicy(secret=b"a guessed secret, wrong")) as guesser:
         await until(lambda: b.peer_id in a.members and a.peer_id in b.members)
         await until(lambda: len(server.registry.members(JOB)) == 4)
         await asyncio.sleep(0.3)  # the joined events of mallory and the guesser reached a
@@ -271,8 +240,10 @@ async def test_peers_ignore_members_an_open_rendezvous_lets_in(
 @pytest.mark.parametrize("expose", [False, True])
 async def test_http_shows_no_addresses_unless_asked_and_never_proofs(expose: bool) -> None:
     policy = JobPolicy(secret=SECRET)
-    async with run_rendezvous(jobs={JOB: policy}, expose_addresses=expose, **FAST) as server, \
-            host(server, membership=policy) as h:
+    async with running_rendezvous(fast=True, jobs={JOB: policy},
+                                  expose_addresses=expose) as server, \
+            running_host(server, job=JOB, membership=policy, send_timeout=5.0,
+                         connect_timeout=5.0) as h:
         assert h.rendezvous is not None
         (address,) = h.rendezvous.reachable_addrs
         port = address.rsplit(":", 1)[1]
@@ -295,8 +266,8 @@ async def test_http_shows_no_addresses_unless_asked_and_never_proofs(expose: boo
 
 async def test_a_flooding_session_is_told_then_closed() -> None:
     me = Identity.generate()
-    async with run_rendezvous(message_rate=2.0, message_burst=10.0, max_errors=3,
-                              **FAST) as server, aiohttp.ClientSession() as session:
+    async with running_rendezvous(fast=True, message_rate=2.0, message_burst=10.0,
+                                  max_errors=3) as server, aiohttp.ClientSession() as session:
         async with session.ws_connect(server.url) as ws:
             challenge = decode((await ws.receive(timeout=WAIT)).data)[1]
             await ws.send_bytes(signed_join(me, challenge["nonce"], JOB))
@@ -311,7 +282,7 @@ async def test_a_flooding_session_is_told_then_closed() -> None:
             assert errors == [("rate_limited", "more than 2 messages per second")] * 3
             assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
         # a session at a normal pace is not affected
-        async with client(server, me) as c:
+        async with running_client(server, me, JOB) as c:
             for _ in range(5):
                 await c.report(1, {"acc": 0.5})
             await asyncio.sleep(0.2)
@@ -325,8 +296,9 @@ async def test_dialback_only_to_the_peers_own_ip(caplog: pytest.LogCaptureFixtur
     caplog.set_level(logging.INFO, logger="rendezvous")
     # a "third party" on 127.0.0.2 while the peer connects from 127.0.0.1
     for any_host in (False, True):
-        async with run_rendezvous(dialback_any_host=any_host, **FAST) as server, \
-                host(server, listen="tcp://127.0.0.2:0") as h:
+        async with running_rendezvous(fast=True, dialback_any_host=any_host) as server, \
+                running_host(server, job=JOB, listen="tcp://127.0.0.2:0", send_timeout=5.0,
+                             connect_timeout=5.0) as h:
             assert h.rendezvous is not None
             assert bool(h.rendezvous.reachable_addrs) is any_host
     assert "where the peer connects from" in caplog.text
