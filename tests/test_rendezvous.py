@@ -27,29 +27,14 @@ from overlay.rendezvous_client import RendezvousClient, normalize_url
 from rendezvous import RendezvousConfig, RendezvousServer, run_rendezvous
 from rendezvous.connection import TRANSITIONS, Connection, Stage
 from rendezvous.registry import Registry
+from testkit.fixtures import FAST_RENDEZVOUS, running_client, running_rendezvous
 
-FAST: dict[str, Any] = {
-    "ttl": 2.0, "heartbeat_interval": 0.5, "dialback_timeout": 0.5, "join_timeout": 2.0
-}
+DIALBACK = 0.5  # dialback_timeout: shorter than in FAST_RENDEZVOUS
+META = {"samples": 100}  # what a client announces unless a test says otherwise
 WAIT = 3.0  # bound on any single awaited event
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def client(
-    server: RendezvousServer, identity: Identity | None = None, job: str = "mnist", **kw: Any
-) -> AsyncIterator[RendezvousClient]:
-    kw.setdefault("addrs", [])
-    kw.setdefault("meta", {"samples": 100})
-    kw.setdefault("backoff_initial", 0.1)
-    c = RendezvousClient(server.url, identity or Identity.generate(), job, **kw)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def next_event(c: RendezvousClient, timeout: float = WAIT) -> Joined | Left:
@@ -182,10 +167,11 @@ def test_normalize_url() -> None:
 
 
 async def test_join_welcome_and_pushed_events() -> None:
-    async with run_rendezvous(**FAST) as server, client(server) as a:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server, \
+            running_client(server, meta=META) as a:
         assert a.members == {} and a.observed_ip == "127.0.0.1"
         assert a.ice_servers == [{"urls": [f"stun:127.0.0.1:{server.stun_port}"]}]
-        async with client(server, meta={"samples": 7}) as b:
+        async with running_client(server, meta={"samples": 7}) as b:
             assert list(b.members) == [a.peer_id]
             assert b.members[a.peer_id].public_key == a.identity.public_key
             event = await next_event(a)
@@ -199,13 +185,14 @@ async def test_join_welcome_and_pushed_events() -> None:
         assert time.monotonic() - started < 1.0
         assert a.members == {}
         # Other jobs are separate.
-        async with client(server, job="cifar") as c:
+        async with running_client(server, job="cifar", meta=META) as c:
             assert c.members == {}
         assert a.events.empty()
 
 
 async def test_dropped_socket_expires_after_ttl() -> None:
-    async with run_rendezvous(**FAST) as server, client(server) as a:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server, \
+            running_client(server, meta=META) as a:
         b = RendezvousClient(server.url, Identity.generate(), "mnist", [], {}, reconnect=False)
         await b.start()
         assert isinstance(await next_event(a), Joined)
@@ -213,19 +200,21 @@ async def test_dropped_socket_expires_after_ttl() -> None:
         await b.close(leave=False)
         status, body = await get_json(server, "/peers?job=mnist")
         assert {p["peer_id"]: p["connected"] for p in body["peers"]}[b.peer_id] is False
-        assert await next_event(a, timeout=FAST["ttl"] + 2.0) == Left(b.peer_id, "expired")
-        assert FAST["ttl"] - 0.2 < time.monotonic() - started < FAST["ttl"] + 1.5
+        ttl = FAST_RENDEZVOUS["ttl"]
+        assert await next_event(a, timeout=ttl + 2.0) == Left(b.peer_id, "expired")
+        assert ttl - 0.2 < time.monotonic() - started < ttl + 1.5
         # a itself stayed alive through its heartbeats.
         status, body = await get_json(server, "/peers?job=mnist")
         assert [p["peer_id"] for p in body["peers"]] == [a.peer_id]
 
 
 async def test_same_key_replaces_the_old_session_silently() -> None:
-    async with run_rendezvous(**FAST) as server, client(server) as a:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server, \
+            running_client(server, meta=META) as a:
         key = Identity.generate()
-        async with client(server, key, reconnect=False) as first:
+        async with running_client(server, key, reconnect=False, meta=META) as first:
             assert isinstance(await next_event(a), Joined)
-            async with client(server, key) as second:
+            async with running_client(server, key, meta=META) as second:
                 await asyncio.wait_for(_until_closed(first), WAIT)
                 assert second.members.keys() == {a.peer_id}
                 assert a.events.empty()
@@ -237,7 +226,8 @@ async def _until_closed(c: RendezvousClient) -> None:
 
 
 async def test_bad_signature_is_refused() -> None:
-    async with run_rendezvous(**FAST) as server, raw_ws(server) as ws:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server, \
+            raw_ws(server) as ws:
         challenge = await recv(ws)
         assert challenge is not None
         await ws.send_bytes(join_frame(Identity.generate(), b"\x00" * 32))
@@ -249,7 +239,7 @@ async def test_bad_signature_is_refused() -> None:
 
 
 async def test_client_raises_the_servers_message() -> None:
-    async with run_rendezvous(**FAST) as server:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server:
         c = RendezvousClient(server.url, Identity.generate(), "bad job!", [], {})
         with pytest.raises(RendezvousError, match="bad_job"):
             await c.start()
@@ -271,7 +261,7 @@ PRE_JOIN_GARBAGE: list[tuple[str, Any, str | None]] = [
 
 @pytest.mark.parametrize("name,frame,code", PRE_JOIN_GARBAGE, ids=[g[0] for g in PRE_JOIN_GARBAGE])
 async def test_garbage_before_join_is_refused_and_closed(name: str, frame: Any, code: str) -> None:
-    async with run_rendezvous(**FAST) as server:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server:
         async with raw_ws(server) as ws:
             assert await recv(ws) is not None  # challenge
             if isinstance(frame, str):
@@ -285,14 +275,15 @@ async def test_garbage_before_join_is_refused_and_closed(name: str, frame: Any, 
                 reply = await recv(ws)
             assert reply is None  # closed
         # ... and the server still serves others.
-        async with client(server) as c:
+        async with running_client(server, meta=META) as c:
             assert c.connected
         status, body = await get_json(server, "/healthz")
         assert status == 200 and body["status"] == "ok"
 
 
 async def test_garbage_after_join_gets_errors_then_close() -> None:
-    async with run_rendezvous(**FAST, max_errors=4) as server, raw_ws(server) as ws:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK, max_errors=4) as server, \
+            raw_ws(server) as ws:
         await raw_join(ws, Identity.generate())
         bad = [
             b"\xc1",
@@ -313,7 +304,9 @@ async def test_garbage_after_join_gets_errors_then_close() -> None:
 
 
 async def test_join_must_come_in_time() -> None:
-    async with run_rendezvous(**{**FAST, "join_timeout": 0.3}) as server, raw_ws(server) as ws:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK,
+                                  join_timeout=0.3) as server, \
+            raw_ws(server) as ws:
         assert await recv(ws) is not None  # challenge
         reply = await recv(ws)
         assert reply is not None and reply[1]["code"] == "bad_state"
@@ -324,7 +317,7 @@ async def test_join_must_come_in_time() -> None:
 
 
 async def test_http_healthz_peers_and_dashboard() -> None:
-    async with run_rendezvous(**FAST) as server:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server:
         status, body = await get_json(server, "/healthz")
         assert status == 200
         assert body["status"] == "ok" and body["jobs"] == 0 and body["peers"] == 0
@@ -334,7 +327,7 @@ async def test_http_healthz_peers_and_dashboard() -> None:
             assert status == 400 and "error" in body
         assert await get_json(server, "/peers?job=nobody") == (200, {"job": "nobody", "peers": []})
 
-        async with client(server, meta={"gpu": False}) as a:
+        async with running_client(server, meta={"gpu": False}) as a:
             await a.report(1, {"acc": 0.5, "loss": 1.25})
             await a.report(2, {"acc": 0.75, "loss": 0.5})
             await a.report(3, {"bad": [1]})  # refused locally, never raises
@@ -364,15 +357,15 @@ async def test_http_healthz_peers_and_dashboard() -> None:
 async def test_only_addresses_that_answer_with_the_right_key_are_kept() -> None:
     me, someone_else = Identity.generate(), Identity.generate()
     async with (
-        run_rendezvous(**FAST, expose_addresses=True) as server,
+        running_rendezvous(fast=True, dialback_timeout=DIALBACK, expose_addresses=True) as server,
         probe_responder(me) as mine,
         probe_responder(someone_else) as theirs,
-        client(server) as watcher,
+        running_client(server, meta=META) as watcher,
     ):
         dead = "tcp://127.0.0.1:9"  # discard port: nobody listens
         started = time.monotonic()
-        async with client(server, me, addrs=[theirs, mine, dead]) as c:
-            assert time.monotonic() - started < FAST["dialback_timeout"] + 1.0  # in parallel
+        async with running_client(server, me, addrs=[theirs, mine, dead], meta=META) as c:
+            assert time.monotonic() - started < DIALBACK + 1.0  # in parallel
             assert c.reachable_addrs == [mine]
             event = await next_event(watcher)
             assert isinstance(event, Joined) and event.member.addrs == (mine,)
@@ -385,7 +378,7 @@ async def test_only_addresses_that_answer_with_the_right_key_are_kept() -> None:
 
 
 async def test_client_rejoins_a_restarted_server_and_reconciles() -> None:
-    async with run_rendezvous(**FAST) as first:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK) as first:
         port = first.port
         a = RendezvousClient(first.url, Identity.generate(), "mnist", [], {}, backoff_initial=0.1)
         await a.start()
@@ -394,13 +387,13 @@ async def test_client_rejoins_a_restarted_server_and_reconciles() -> None:
         assert isinstance(await next_event(a), Joined)
     await b.close()  # the server is gone; b does not come back
     try:
-        async with run_rendezvous(**FAST, port=port) as second:
+        async with running_rendezvous(fast=True, dialback_timeout=DIALBACK, port=port) as second:
             # a re-joins by itself; b is not in the new welcome, so a hears it is lost.
             assert await next_event(a, timeout=5.0) == Left(b.peer_id, "lost")
             assert a.connected and a.members == {}
             _, body = await get_json(second, "/peers?job=mnist")
             assert [p["peer_id"] for p in body["peers"]] == [a.peer_id]
-            async with client(second) as c:
+            async with running_client(second, meta=META) as c:
                 event = await next_event(a)
                 assert isinstance(event, Joined) and event.member.peer_id == c.peer_id
     finally:
@@ -409,7 +402,8 @@ async def test_client_rejoins_a_restarted_server_and_reconciles() -> None:
 
 
 async def test_server_close_is_idempotent_and_frees_the_port() -> None:
-    server = RendezvousServer(RendezvousConfig(host="127.0.0.1", port=0, stun_port=0, **FAST))
+    server = RendezvousServer(RendezvousConfig(host="127.0.0.1", port=0, stun_port=0,
+                                              **{**FAST_RENDEZVOUS, "dialback_timeout": DIALBACK}))
     await server.start()
     port = server.port
     async with raw_ws(server) as ws:
