@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_rendezvous import FAST, client, join_frame, next_event, raw_ws, recv
+from test_rendezvous import DIALBACK, META, join_frame, next_event, raw_ws, recv
 
 from overlay.errors import RendezvousError
 from overlay.events import Joined
@@ -18,8 +18,9 @@ from overlay.identity import Identity
 from overlay.protocol import MAX_SIGNAL_BYTES, MsgType, SignalKind, encode
 from overlay.rendezvous_client import RendezvousClient
 from peerlearn.cli import TURN_SECRET_ENV, build_parser
-from rendezvous import RendezvousConfig, RendezvousServer, run_rendezvous
+from rendezvous import RendezvousConfig, RendezvousServer
 from rendezvous.turn import make_credentials, turn_password, verify_credentials
+from testkit.fixtures import running_client, running_rendezvous
 
 WAIT = 3.0
 SECRET = "north-pole"
@@ -55,7 +56,11 @@ async def joined_ws(
 
 
 async def test_offer_answer_candidates_between_two_peers() -> None:
-    async with run_rendezvous(**FAST) as server, client(server) as a, client(server) as b:
+    async with (
+        running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server,
+        running_client(server, meta=META) as a,
+        running_client(server, meta=META) as b,
+    ):
         sdp = {"type": "offer", "sdp": "v=0\r\n" + "a=x\r\n" * 200}
         await a.send_signal(b.peer_id, "offer", sdp)
         assert await next_signal(b) == (a.peer_id, "offer", sdp)
@@ -76,9 +81,9 @@ async def test_offer_answer_candidates_between_two_peers() -> None:
 async def test_from_is_set_by_the_server_not_the_sender() -> None:
     liar = Identity.generate()
     async with (
-        run_rendezvous(**FAST) as server,
-        client(server) as victim,
-        client(server) as target,
+        running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server,
+        running_client(server, meta=META) as victim,
+        running_client(server, meta=META) as target,
         joined_ws(server, liar) as ws,
     ):
         fake = {"from": victim.peer_id, "to": target.peer_id, "kind": "offer", "data": b"x"}
@@ -87,7 +92,10 @@ async def test_from_is_set_by_the_server_not_the_sender() -> None:
 
 
 async def test_other_jobs_unknown_and_disconnected_targets_get_unknown_peer() -> None:
-    async with run_rendezvous(**FAST, max_errors=2) as server, client(server) as a:
+    async with (
+        running_rendezvous(fast=True, dialback_timeout=DIALBACK, max_errors=2) as server,
+        running_client(server, meta=META) as a,
+    ):
         outsider = Identity.generate()
         gone = RendezvousClient(server.url, Identity.generate(), "mnist", [], {}, reconnect=False)
         await gone.start()
@@ -100,7 +108,7 @@ async def test_other_jobs_unknown_and_disconnected_targets_get_unknown_peer() ->
                 assert error["code"] == "unknown_peer"
                 assert error["to"] == to and to in error["message"]
             # Benign errors do not count towards max_errors: the session still relays.
-            async with client(server, job="cifar") as c:
+            async with running_client(server, job="cifar", meta=META) as c:
                 await ws.send_bytes(encode(MsgType.SIGNAL, to=c.peer_id, kind="bye", data={}))
                 assert await next_signal(c) == (outsider.peer_id, "bye", {})
         assert a.signals.empty()
@@ -120,7 +128,10 @@ BAD_SIGNALS: list[tuple[str, dict[str, Any], str]] = [
 
 @pytest.mark.parametrize("name,fields,code", BAD_SIGNALS, ids=[b[0] for b in BAD_SIGNALS])
 async def test_malformed_signals_get_errors(name: str, fields: dict[str, Any], code: str) -> None:
-    async with run_rendezvous(**FAST) as server, client(server) as b:
+    async with (
+        running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server,
+        running_client(server, meta=META) as b,
+    ):
         me = Identity.generate()
         async with joined_ws(server, me) as ws:
             await ws.send_bytes(encode(MsgType.SIGNAL, **fields))
@@ -131,9 +142,11 @@ async def test_malformed_signals_get_errors(name: str, fields: dict[str, Any], c
 
 
 async def test_signal_rate_limit() -> None:
-    async with run_rendezvous(**FAST, signal_rate=1.0, signal_burst=3) as server, client(
-        server
-    ) as b:
+    async with (
+        running_rendezvous(fast=True, dialback_timeout=DIALBACK, signal_rate=1.0,
+                           signal_burst=3) as server,
+        running_client(server, meta=META) as b,
+    ):
         async with joined_ws(server, Identity.generate()) as ws:
             for _ in range(5):
                 await ws.send_bytes(encode(MsgType.SIGNAL, to=b.peer_id, kind="candidate",
@@ -143,7 +156,7 @@ async def test_signal_rate_limit() -> None:
 
 
 async def test_client_send_signal_checks() -> None:
-    async with run_rendezvous(**FAST) as server:
+    async with running_rendezvous(fast=True, dialback_timeout=DIALBACK) as server:
         c = RendezvousClient(server.url, Identity.generate(), "mnist", [], {})
         with pytest.raises(RendezvousError):
             await c.send_signal("x", "offer", b"")  # never started
@@ -161,7 +174,10 @@ async def test_client_send_signal_checks() -> None:
 
 
 async def test_welcome_hands_out_our_stun_and_turn_with_credentials() -> None:
-    async with run_rendezvous(**FAST, **TURN) as server, client(server) as a:
+    async with (
+        running_rendezvous(fast=True, dialback_timeout=DIALBACK, **TURN) as server,
+        running_client(server, meta=META) as a,
+    ):
         stun, turn = a.ice_servers
         assert stun == {"urls": [f"stun:127.0.0.1:{server.stun_port}"]}
         assert turn["urls"] == TURN["turn_urls"]
@@ -181,25 +197,28 @@ async def test_welcome_hands_out_our_stun_and_turn_with_credentials() -> None:
 
 
 async def test_public_host_and_disabled_stun() -> None:
-    async with run_rendezvous(**FAST, public_host="rdv.example.org") as server, client(
-        server
-    ) as a:
+    async with (
+        running_rendezvous(fast=True, dialback_timeout=DIALBACK,
+                           public_host="rdv.example.org") as server,
+        running_client(server, meta=META) as a,
+    ):
         assert a.ice_servers == [{"urls": [f"stun:rdv.example.org:{server.stun_port}"]}]
-    async with run_rendezvous(**FAST, stun_port=None) as server, client(server) as a:
+    async with (
+        running_rendezvous(fast=True, dialback_timeout=DIALBACK, stun_port=None) as server,
+        running_client(server, meta=META) as a,
+    ):
         assert a.ice_servers == []  # never a third-party server
 
 
 async def test_stun_url_uses_the_host_the_peer_dialed_ipv6() -> None:
     try:
-        server_ctx = run_rendezvous(**FAST, host="::1")
+        server_ctx = running_rendezvous(fast=True, dialback_timeout=DIALBACK, host="::1")
         server = await server_ctx.__aenter__()
     except OSError:
         pytest.skip("no IPv6 loopback")
     try:
-        c = RendezvousClient(f"ws://[::1]:{server.port}/ws", Identity.generate(), "mnist", [], {})
-        await c.start()
-        assert c.ice_servers == [{"urls": [f"stun:[::1]:{server.stun_port}"]}]
-        await c.close()
+        async with running_client(f"ws://[::1]:{server.port}/ws", backoff_initial=0.5) as c:
+            assert c.ice_servers == [{"urls": [f"stun:[::1]:{server.stun_port}"]}]
     finally:
         await server_ctx.__aexit__(None, None, None)
 
