@@ -37,6 +37,7 @@ from overlay.rendezvous_client import RendezvousClient
 from rendezvous import run_rendezvous
 from rendezvous.connection import Connection
 from rendezvous.registry import Registry
+from testkit.fixtures import running_client
 
 SESSIONS = 300
 SIGNALS = 300  # sent between random pairs, after everyone is in
@@ -150,19 +151,12 @@ async def test_a_welcome_beyond_one_message_and_1024_members_reaches_the_client(
 async def test_a_full_job_refuses_with_job_full() -> None:
     async with run_rendezvous(**FAST) as server:
         server.registry.max_members = 1
-        first = RendezvousClient(server.url, Identity.generate(), "j", [], {}, reconnect=False)
-        await first.start()
-        try:
-            second = RendezvousClient(server.url, Identity.generate(), "j", [], {},
-                                      reconnect=False)
+        async with running_client(server, job="j", reconnect=False):
             with pytest.raises(RendezvousError, match="job_full: job j already has 1 members"):
-                await second.start()
-            other_job = RendezvousClient(server.url, Identity.generate(), "k", [], {},
-                                         reconnect=False)
-            await other_job.start()  # the bound is per job
-            await other_job.close()
-        finally:
-            await first.close()
+                async with running_client(server, job="j", reconnect=False):
+                    pass
+            async with running_client(server, job="k", reconnect=False):
+                pass  # the bound is per job
 
 
 def test_registry_bounds_members_and_member_size() -> None:
