@@ -402,8 +402,8 @@ async def test_client_rejoins_a_restarted_server_and_reconciles() -> None:
 
 
 async def test_server_close_is_idempotent_and_frees_the_port() -> None:
-    server = RendezvousServer(RendezvousConfig(host="127.0.0.1", port=0, stun_port=0,
-                                              **{**FAST_RENDEZVOUS, "dialback_timeout": DIALBACK}))
+    timers: dict[str, Any] = {**FAST_RENDEZVOUS, "dialback_timeout": DIALBACK}
+    server = RendezvousServer(RendezvousConfig(host="127.0.0.1", port=0, stun_port=0, **timers))
     await server.start()
     port = server.port
     async with raw_ws(server) as ws:
