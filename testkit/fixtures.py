@@ -23,7 +23,7 @@ import pytest
 from rendezvous import RendezvousConfig
 from rendezvous.server import RendezvousServer, run_rendezvous
 from testkit.natlab import Host as LabHost
-from testkit.natlab import NatLab, available
+from testkit.natlab import LinkProfile, NatLab, available, wire_available
 from testkit.swarm import LocalSwarm
 
 if TYPE_CHECKING:  # imported where used: a lab test does not need the overlay to import
@@ -149,19 +149,25 @@ def local_swarm(workdir: str | os.PathLike[str], *,
             raise
 
 
-def skip_unless_lab(coturn: bool = False) -> None:
-    """``pytest.skip`` with the reason when a NAT lab (with coturn) cannot run here."""
+def skip_unless_lab(coturn: bool = False, links: bool = False) -> None:
+    """``pytest.skip`` with the reason when a NAT lab (with coturn; with emulated links, i.e.
+    a C compiler and /dev/net/tun) cannot run here."""
     reason = available(coturn=coturn)
+    if reason is None and links:
+        reason = wire_available()
     if reason is not None:
         pytest.skip(reason)
 
 
 @contextlib.contextmanager
-def nat_lab(*, coturn: bool = False, **kw: Any) -> Iterator[NatLab]:
+def nat_lab(*, coturn: bool = False, profile: LinkProfile | str | None = None,
+            **kw: Any) -> Iterator[NatLab]:
     """A :class:`NatLab` (``kw``: name, state_dir, workdir), torn down on exit; skips the test
-    with the reason when labs (or coturn, if asked for) are not available here."""
-    skip_unless_lab(coturn)
-    with NatLab(**kw) as lab:
+    with the reason when labs (or coturn, or emulated links) are not available here.
+    ``profile`` (a :class:`LinkProfile` or a name in ``PROFILES``): the link of every home and
+    public host added without one of its own; servers stay unshaped unless given one."""
+    skip_unless_lab(coturn, links=profile is not None)
+    with NatLab(profile=profile, **kw) as lab:
         yield lab
 
 
@@ -177,10 +183,12 @@ class LabSwarm:
 
 
 @contextlib.contextmanager
-def lab_swarm(workdir: str | os.PathLike[str], *,
-              turn_secret: str = LAB_TURN_SECRET) -> Iterator[LabSwarm]:
+def lab_swarm(workdir: str | os.PathLike[str], *, turn_secret: str = LAB_TURN_SECRET,
+              profile: LinkProfile | str | None = None) -> Iterator[LabSwarm]:
     """A coturn lab and a swarm whose rendezvous (STUN on 3478, TURN credentials for the
-    lab's coturn) runs in it (:meth:`LocalSwarm.start_lab_services`); skips without a lab."""
-    with nat_lab(coturn=True) as lab, local_swarm(workdir) as swarm:
+    lab's coturn) runs in it (:meth:`LocalSwarm.start_lab_services`); skips without a lab.
+    ``profile``: the lab's default link profile (homes and public hosts the test adds; the
+    rendezvous and coturn servers stay unshaped)."""
+    with nat_lab(coturn=True, profile=profile) as lab, local_swarm(workdir) as swarm:
         rdv, turn = swarm.start_lab_services(lab, turn_secret)
         yield LabSwarm(lab, swarm, rdv, turn, turn_secret)

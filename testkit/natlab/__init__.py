@@ -17,18 +17,24 @@ spoken with the rendezvous's own codec (``rendezvous.stun``). The modules:
 - :mod:`~testkit.natlab.system`: running ``ip``/``nft``, process groups, :func:`available`;
 - :mod:`~testkit.natlab.hosts`: hosts, homes, daemons and UDP agents inside namespaces;
 - :mod:`~testkit.natlab.coturn`: coturn in a namespace;
+- :mod:`~testkit.natlab.links`: link profiles (:data:`PROFILES`) and the user-space wire
+  (``wire.c``) that emulates rate, delay, jitter and loss between a router's WAN and the bridge;
+- :mod:`~testkit.natlab.probe`: UDP RTT / loss and TCP goodput probes inside namespaces;
+- :mod:`~testkit.natlab.verify`: the emulator measured against its settings;
 - :mod:`~testkit.natlab.lab`: :class:`NatLab` and the teardown of recorded labs;
-- ``__main__``: the command line (``python -m testkit.natlab up|down|list``).
+- ``__main__``: the command line (``python -m testkit.natlab up|down|list|status|verify``).
 """
 
 from testkit.natlab.coturn import start_coturn
 from testkit.natlab.hosts import Datagram, Home, Host, Process, UdpAgent
 from testkit.natlab.lab import GATEWAY_IP, STATE_DIR, NatLab, teardown, teardown_all
+from testkit.natlab.links import PROFILES, LinkProfile, Wire, resolve_profile, wire_available
 from testkit.natlab.rules import NatType, loss_ruleset, nat_ruleset
 from testkit.natlab.system import NatLabError, available
 
 __all__ = [
-    "GATEWAY_IP", "STATE_DIR", "Datagram", "Home", "Host", "NatLab", "NatLabError", "NatType",
-    "Process", "UdpAgent", "available", "loss_ruleset", "nat_ruleset",
-    "start_coturn", "teardown", "teardown_all",
+    "GATEWAY_IP", "PROFILES", "STATE_DIR", "Datagram", "Home", "Host", "LinkProfile", "NatLab",
+    "NatLabError", "NatType", "Process", "UdpAgent", "Wire", "available", "loss_ruleset",
+    "nat_ruleset", "resolve_profile", "start_coturn", "teardown", "teardown_all",
+    "wire_available",
 ]

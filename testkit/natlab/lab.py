@@ -16,6 +16,7 @@ from typing import Any
 
 from testkit.natlab.coturn import start_coturn
 from testkit.natlab.hosts import Home, Host, Process, UdpAgent
+from testkit.natlab.links import LinkProfile, Wire, kill_recorded_wire, resolve_profile, start_wire
 from testkit.natlab.rules import NatType, loss_ruleset, nat_ruleset
 from testkit.natlab.system import PREFIX, NatLabError, destroy_netns, netns_list, run, terminate
 
@@ -44,10 +45,15 @@ class NatLab:
     """
 
     def __init__(self, name: str | None = None, *, state_dir: Path | str | None = STATE_DIR,
-                 workdir: Path | str | None = None) -> None:
+                 workdir: Path | str | None = None,
+                 profile: LinkProfile | str | None = None) -> None:
         if name is not None and not _LAB_NAME.match(name):
             raise ValueError(f"lab name must match {_LAB_NAME.pattern}: {name!r}")
         self.name = name or f"{PREFIX}{secrets.token_hex(2)}"
+        self.profile = resolve_profile(profile)
+        """The link profile of homes and public hosts added without one (servers: none)."""
+        self.wires: dict[str, Wire] = {}
+        """The emulated links, by the name of the home or host they connect."""
         self.hosts: dict[str, Host] = {}
         self.homes: dict[str, Home] = {}
         self.processes: list[Process] = []
@@ -102,16 +108,23 @@ class NatLab:
         if name in self.hosts or name in self.homes:
             raise ValueError(f"lab {self.name} already has a host or home named {name!r}")
 
-    def _attach(self, netns: str, ifname: str) -> str:
-        """Plug ``netns`` into the bridge as ``ifname``; its address, default route via gateway."""
+    def _attach(self, netns: str, ifname: str, name: str, profile: LinkProfile | None) -> str:
+        """Plug ``netns`` into the bridge as ``ifname``: a veth, or with ``profile`` a wire (a
+        TAP on each side, uplink from ``netns``); its address, default route via gateway."""
         n = self._next_public
         self._next_public += 1 if n != 99 else 2  # .100 is the gateway
         if n > 254:
             raise NatLabError("the bridge 203.0.113.0/24 is full")
         ip = f"203.0.113.{n}"
         port = f"p{n}"
-        run(["ip", "link", "add", "name", port, "netns", self.internet, "type", "veth",
-              "peer", "name", ifname, "netns", netns])
+        if profile is None:
+            run(["ip", "link", "add", "name", port, "netns", self.internet, "type", "veth",
+                  "peer", "name", ifname, "netns", netns])
+        else:
+            self._check_open()
+            self.wires[name] = start_wire(name, profile, (netns, ifname), (self.internet, port),
+                                          self.workdir)
+            self._save_state()
         self._ip(self.internet, f"link set {port} master br0 up")
         self._ip(netns, f"addr add {ip}/24 dev {ifname}")
         self._ip(netns, f"link set {ifname} up")
@@ -119,26 +132,38 @@ class NatLab:
         self._ip(netns, f"route add default via {GATEWAY_IP}")
         return ip
 
-    def add_public_host(self, name: str, role: str = "public") -> Host:
-        """A namespace directly on the bridge (no NAT), e.g. a public peer or a reflector."""
+    def _profile(self, profile: LinkProfile | str | None, default: bool) -> LinkProfile | None:
+        resolved = resolve_profile(profile)
+        return resolved if resolved is not None or not default else self.profile
+
+    def add_public_host(self, name: str, role: str = "public",
+                        profile: LinkProfile | str | None = None) -> Host:
+        """A namespace directly on the bridge (no NAT), e.g. a public peer or a reflector.
+        ``profile`` (a :class:`LinkProfile` or a name in ``PROFILES``; default the lab's,
+        except for servers) emulates its link; None: a plain veth."""
         self._check_name(name)
+        link = self._profile(profile, default=role != "server")
         netns = f"{self.name}-{name}"
         self._add_netns(netns)
-        host = Host(self, name, netns, self._attach(netns, "eth0"), role)
+        host = Host(self, name, netns, self._attach(netns, "eth0", name, link), role)
         self.hosts[name] = host
         self._save_state()
         log.info("natlab %s: %s host %s at %s", self.name, role, name, host.ip)
         return host
 
-    def add_server(self, name: str) -> Host:
-        """A public host for a server (rendezvous, coturn): its own namespace on the bridge."""
-        return self.add_public_host(name, role="server")
+    def add_server(self, name: str, profile: LinkProfile | str | None = None) -> Host:
+        """A public host for a server (rendezvous, coturn): its own namespace on the bridge;
+        unshaped (a data centre) unless ``profile`` is given."""
+        return self.add_public_host(name, role="server", profile=profile)
 
-    def add_home(self, name: str, nat: NatType | str = NatType.PORT_RESTRICTED) -> Home:
+    def add_home(self, name: str, nat: NatType | str = NatType.PORT_RESTRICTED,
+                 profile: LinkProfile | str | None = None) -> Home:
         """A router namespace doing ``nat`` (WAN on the bridge, LAN 10.0.K.1/24) and a host
-        namespace 10.0.K.2/24 behind it."""
+        namespace 10.0.K.2/24 behind it. ``profile`` (default the lab's) emulates the access
+        link between the router's WAN and the bridge (uplink: from the home)."""
         nat = NatType(nat)
         self._check_name(name)
+        link = self._profile(profile, default=True)
         k = self._next_home
         if k > 254:
             raise NatLabError("no more 10.0.K.0/24 home networks")
@@ -146,7 +171,7 @@ class NatLab:
         router_ns, host_ns = f"{self.name}-gw-{name}", f"{self.name}-{name}"
         self._add_netns(router_ns)
         self._add_netns(host_ns)
-        public_ip = self._attach(router_ns, "wan")
+        public_ip = self._attach(router_ns, "wan", name, link)
         lan_ip, host_ip = f"10.0.{k}.1", f"10.0.{k}.2"
         run(["ip", "link", "add", "name", "lan", "netns", router_ns, "type", "veth",
               "peer", "name", "eth0", "netns", host_ns])
@@ -166,6 +191,22 @@ class NatLab:
         log.info("natlab %s: home %s (%s) %s -> %s", self.name, name, nat.value, host_ip,
                  public_ip)
         return home
+
+    def link_stats(self, name: str) -> dict[str, dict[str, int]]:
+        """The counters of the emulated link of home or host ``name``: ``{"up": {...},
+        "down": {...}}`` with packets, bytes, dropped_queue, dropped_loss, ... (see
+        :data:`testkit.natlab.links.COUNTERS`)."""
+        wire = self.wires.get(name)
+        if wire is None:
+            known = ", ".join(self.wires) or "none"
+            raise ValueError(f"lab {self.name} has no emulated link for {name!r} "
+                             f"(it has a plain veth or does not exist); links: {known}")
+        return wire.stats()
+
+    def profile_of(self, name: str) -> LinkProfile | None:
+        """The link profile of home or host ``name`` (None: a plain veth)."""
+        wire = self.wires.get(name)
+        return wire.profile if wire is not None else None
 
     def loss(self, home: Home, percent: int) -> None:
         """Drop ``percent`` % of the packets crossing ``home``'s WAN, in each direction
@@ -243,12 +284,18 @@ class NatLab:
             for agent in self._agents:
                 agent._reader.join(timeout=5)
         finally:
-            destroy_netns(list(reversed(self.namespaces)))
-            if self._state_file is not None:
-                self._state_file.unlink(missing_ok=True)
-            if self._own_workdir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
-            log.info("natlab %s: torn down", self.name)
+            try:
+                terminate([w.popen for w in self.wires.values()])
+            finally:
+                self._destroy()
+
+    def _destroy(self) -> None:
+        destroy_netns(list(reversed(self.namespaces)))
+        if self._state_file is not None:
+            self._state_file.unlink(missing_ok=True)
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        log.info("natlab %s: torn down", self.name)
 
     def detach(self) -> None:
         """Leave everything running (for the CLI's ``up``); ``down`` removes it later."""
@@ -264,16 +311,24 @@ class NatLab:
             "internet": {"netns": self.internet, "ip": GATEWAY_IP, "bridge": "br0"},
             "namespaces": self.namespaces,
             "workdir": str(self.workdir),
-            "hosts": {h.name: {"netns": h.netns, "ip": h.ip, "role": h.role}
+            "profile": self.profile.name if self.profile else None,
+            "hosts": {h.name: {"netns": h.netns, "ip": h.ip, "role": h.role,
+                               "profile": self._profile_name(h.name)}
                       for h in self.hosts.values()},
             "homes": {
                 m.name: {"nat": m.nat.value, "netns": m.host.netns, "ip": m.host.ip,
-                         "router_netns": m.router.netns, "public_ip": m.public_ip}
+                         "router_netns": m.router.netns, "public_ip": m.public_ip,
+                         "profile": self._profile_name(m.name)}
                 for m in self.homes.values()
             },
+            "wires": {name: w.describe() for name, w in self.wires.items()},
             "processes": [{"name": p.name, "netns": p.host.netns, "pid": p.pid,
                            "log": str(p.log_path)} for p in self.processes],
         }
+
+    def _profile_name(self, name: str) -> str | None:
+        profile = self.profile_of(name)
+        return profile.name if profile else None
 
     def _save_state(self) -> None:
         if self._state_file is None:
@@ -300,6 +355,8 @@ def teardown(name: str, state_dir: Path = STATE_DIR) -> bool:
         namespaces += [ns for ns in netns_list() if ns.startswith(f"{name}-")]
     if not namespaces and state is None:
         return False
+    for wire in (state or {}).get("wires", {}).values():
+        kill_recorded_wire(int(wire["pid"]), str(wire["stats"]))
     destroy_netns(list(dict.fromkeys(reversed(namespaces))))
     if state is not None:
         workdir = Path(state.get("workdir", ""))
