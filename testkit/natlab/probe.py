@@ -70,12 +70,20 @@ for seq in range(count):
 print(json.dumps(rtts))
 """
 
-# argv: ready; counts distinct sequence numbers until stdin closes, then prints the count.
+# argv: ready; counts distinct sequence numbers until stdin closes, then prints the count and
+# how many datagrams this namespace's UDP dropped for full socket buffers meanwhile.
 _UDP_SINK = """\
 import select, socket, struct, sys
+def rcvbuf_errors():
+    lines = [l.split() for l in open("/proc/net/snmp") if l.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+try:
+    s.setsockopt(socket.SOL_SOCKET, 33, 1 << 25)  # SO_RCVBUFFORCE (root): 32 MB
+except OSError:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 25)
 s.bind(("0.0.0.0", 0))
+errors = rcvbuf_errors()
 print("ready", s.getsockname()[1], flush=True)
 seen = set()
 while True:
@@ -85,7 +93,7 @@ while True:
         seen.add(struct.unpack("!I", data[:4])[0])
     if sys.stdin in r and not sys.stdin.readline():
         break
-print(len(seen), flush=True)
+print(len(seen), rcvbuf_errors() - errors, flush=True)
 """
 
 # argv: ip port count gap size; sends count numbered datagrams, gap seconds apart.
@@ -244,9 +252,13 @@ def udp_delivery(src: Host, dst: Host, count: int = 5000, *, gap: float = 0.0005
         sink.stdin.close()
         ready, _, _ = select.select([sink.stdout], [], [], 10)
         line = sink.stdout.readline() if ready else ""
-    if not line.strip().isdigit():
+    fields = line.split()
+    if len(fields) != 2 or not all(f.isdigit() for f in fields):
         raise NatLabError(f"UDP sink in {dst.netns} gave no count")
-    return int(line)
+    if int(fields[1]):
+        raise NatLabError(f"the UDP sink in {dst.netns} dropped {fields[1]} datagrams itself "
+                          "(socket buffer full): its count does not measure the link")
+    return int(fields[0])
 
 
 def congestion_controls() -> list[str]:
