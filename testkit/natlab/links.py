@@ -38,10 +38,11 @@ MIN_QUEUE_BYTES = 64 * 1024
 """The smallest tail-drop queue of a rate-limited direction."""
 
 COUNTERS = ("rx_packets", "rx_bytes", "packets", "bytes", "dropped_queue", "dropped_loss",
-            "dropped_write", "backlog_max_bytes")
+            "dropped_write", "backlog_max_bytes", "late_ns")
 """Per direction, in the stats file's order: frames read from the sending side and their
 bytes; frames delivered and their bytes; dropped by the full queue, by random loss, by a
-failed write; the largest queue backlog seen (IP bytes waiting to be serialised)."""
+failed write; the largest queue backlog seen (IP bytes waiting to be serialised); the sum
+over delivered frames of how late each was released (ns after its due time)."""
 _MAGIC = 0x3130455249574C50  # "PLWIRE01"
 _HEADER = struct.Struct("<4Q")
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,40 @@ from testkit.natlab.system import NatLabError, python_env, run, terminate
 
 _CC_AVAILABLE = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
 
-# argv: ready; echoes every datagram back to its sender.
+# argv: ready; echoes every datagram back to its sender. Probes come one at a time, so it
+# sleeps until shortly before the next one is due (the shortest gap seen) and then polls: its
+# own wake-up (a fraction of a ms in a VM) stays out of the measured RTT.
 _UDP_ECHO = """\
-import socket
+import socket, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", 0))
 print("ready", s.getsockname()[1], flush=True)
+last = shortest = None
 while True:
-    data, addr = s.recvfrom(65535)
-    s.sendto(data, addr)
+    got = None
+    now = time.perf_counter()
+    if last is not None and shortest is not None and now < last + shortest + 0.005:
+        wake = last + shortest - 0.0015
+        if now < wake:
+            s.settimeout(wake - now)
+            try:
+                got = s.recvfrom(65535)
+            except TimeoutError:
+                pass
+        s.setblocking(False)
+        while got is None and time.perf_counter() < last + shortest + 0.005:
+            try:
+                got = s.recvfrom(65535)
+            except BlockingIOError:
+                pass
+    if got is None:
+        s.setblocking(True)
+        got = s.recvfrom(65535)
+    t = time.perf_counter()
+    s.sendto(*got)
+    if last is not None:
+        shortest = t - last if shortest is None else min(shortest, t - last)
+    last = t
 """
 
 # argv: ip port count timeout gap; prints the RTTs (seconds) of the echoes that came back.
@@ -57,11 +83,17 @@ for seq in range(count):
     t0 = time.perf_counter()
     s.send(struct.pack("!I", seq) + bytes(60))
     end = t0 + timeout
+    # sleep until shortly before the earliest echo seen so far, then poll: the probe's own
+    # wake-up (a fraction of a ms in a VM) stays out of the measured RTT
+    early = t0 + min(rtts) - 0.0015 if rtts else t0
     while (left := end - time.perf_counter()) > 0:
-        s.settimeout(left)
+        now = time.perf_counter()
+        s.settimeout(max(0.0, early - now) if now < early else 0.0)
         try:
             data = s.recv(2048)
-        except (TimeoutError, ConnectionRefusedError):
+        except (BlockingIOError, TimeoutError):
+            continue
+        except ConnectionRefusedError:
             break
         if data[:4] == struct.pack("!I", seq):
             rtts.append(time.perf_counter() - t0)
@@ -110,9 +142,10 @@ for seq in range(count):
     s.sendto(struct.pack("!I", seq) + pad, (ip, port))
 """
 
-# argv: nbytes; accepts one connection, reads nbytes (or to EOF), acknowledges the count.
+# argv: nbytes; accepts one connection, reads nbytes (or to EOF), acknowledges the count and
+# the seconds its second half took to arrive (the steady state, after slow start).
 _TCP_SINK = """\
-import socket, struct, sys
+import socket, struct, sys, time
 n = int(sys.argv[1])
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -122,12 +155,16 @@ print("ready", srv.getsockname()[1], flush=True)
 c, _ = srv.accept()
 buf = memoryview(bytearray(1 << 20))
 got = 0
+half = None
 while got < n:
     k = c.recv_into(buf)
     if not k:
         break
     got += k
-c.sendall(struct.pack("!Q", got))
+    if half is None and got >= n // 2:
+        half, at_half = time.perf_counter(), got
+end = time.perf_counter()
+c.sendall(struct.pack("!Qd", got, (n - at_half) / (end - half) if half and end > half else 0.0))
 c.close()
 """
 
@@ -148,15 +185,15 @@ while left > 0:
     left -= k
 s.shutdown(socket.SHUT_WR)
 ack = b""
-while len(ack) < 8:
-    part = s.recv(8 - len(ack))
+while len(ack) < 16:
+    part = s.recv(16 - len(ack))
     if not part:
         break
     ack += part
 seconds = time.perf_counter() - t0
 used = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\\0").decode()
-got = struct.unpack("!Q", ack)[0] if len(ack) == 8 else -1
-print(json.dumps({"seconds": seconds, "bytes": got, "cc": used}))
+got, steady = struct.unpack("!Qd", ack) if len(ack) == 16 else (-1, 0.0)
+print(json.dumps({"seconds": seconds, "bytes": got, "cc": used, "steady": steady}))
 """
 
 
@@ -283,11 +320,27 @@ def _has_modprobe() -> bool:
     return shutil.which("modprobe") is not None
 
 
-def tcp_goodput(src: Host, dst: Host, nbytes: int, cc: str = "cubic", *,
-                timeout: float = 300.0) -> float:
-    """Goodput in MB/s (1e6 bytes/s) of one TCP flow sending ``nbytes`` from ``src`` to ``dst``
-    with congestion control ``cc`` (``cubic``, ``bbr``, ...; set per socket): from connected
-    until the receiver acknowledged every byte."""
+@dataclass(frozen=True)
+class TcpResult:
+    """One TCP bulk transfer measured by :func:`tcp_transfer`."""
+
+    nbytes: int
+    seconds: float
+    """From connected until the receiver acknowledged the last byte."""
+    cc: str
+    steady_goodput: float
+    """MB/s of the second half of the bytes, timed at the receiver (slow start left out)."""
+
+    @property
+    def goodput(self) -> float:
+        """MB/s (1e6 bytes/s) over the whole transfer."""
+        return self.nbytes / self.seconds / 1e6
+
+
+def tcp_transfer(src: Host, dst: Host, nbytes: int, cc: str = "cubic", *,
+                 timeout: float = 300.0) -> TcpResult:
+    """One TCP flow sending ``nbytes`` from ``src`` to ``dst`` with congestion control ``cc``
+    (``cubic``, ``bbr``, ...; set per socket), measured (see :class:`TcpResult`)."""
     if nbytes < 1:
         raise ValueError(f"nbytes must be >= 1, got {nbytes}")
     require_congestion_control(cc)
@@ -301,7 +354,15 @@ def tcp_goodput(src: Host, dst: Host, nbytes: int, cc: str = "cubic", *,
                           "bytes acknowledged")
     if result["cc"] != cc:
         raise NatLabError(f"TCP probe used {result['cc']!r}, not {cc!r}")
-    return float(nbytes / result["seconds"] / 1e6)
+    return TcpResult(nbytes, float(result["seconds"]), cc, float(result["steady"]) / 1e6)
+
+
+def tcp_goodput(src: Host, dst: Host, nbytes: int, cc: str = "cubic", *,
+                timeout: float = 300.0) -> float:
+    """Goodput in MB/s (1e6 bytes/s) of one TCP flow sending ``nbytes`` from ``src`` to ``dst``
+    with congestion control ``cc`` (set per socket): from connected until the receiver
+    acknowledged every byte, slow start included (:func:`tcp_transfer` has more)."""
+    return tcp_transfer(src, dst, nbytes, cc, timeout=timeout).goodput
 
 
 def summary(rtts: list[float]) -> dict[str, float]:

@@ -44,7 +44,7 @@
 
 /* Stats file: uint64 magic, pid, running, ncounters; then up[NC], down[NC]. */
 enum { C_RX_PACKETS, C_RX_BYTES, C_PACKETS, C_BYTES, C_DROP_QUEUE, C_DROP_LOSS, C_DROP_WRITE,
-       C_BACKLOG_MAX, NC };
+       C_BACKLOG_MAX, C_LATE_NS, NC };
 struct stats { uint64_t magic, pid, running, ncounters; uint64_t c[2][NC]; };
 
 struct dir {
@@ -185,6 +185,7 @@ static void deliver_due(struct dir *d, int64_t now) {
         } else {
             d->c[C_PACKETS]++;
             d->c[C_BYTES] += d->len[h];
+            d->c[C_LATE_NS] += (uint64_t)(now - d->due[h]);
         }
         d->head = (h + 1) % d->cap;
         d->count--;
