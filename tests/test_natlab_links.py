@@ -103,6 +103,10 @@ def test_rtt_between_two_delayed_hosts_is_twice_both_delays(world: World) -> Non
     assert len(rtts) == 20
     assert _within(statistics.median(rtts), 2 * (0.025 + 0.025)), rtts  # 100 ms
     assert min(rtts) >= 0.100  # the delay is a floor: nothing arrives early
+    for name in ("a", "b"):  # the wire releases frames on time (mean lateness well under 1 ms)
+        for direction in world.lab.link_stats(name).values():
+            assert direction["packets"] >= 20
+            assert direction["late_ns"] / direction["packets"] < 1e6, direction
 
 
 def test_rtt_from_behind_a_nat_to_an_unshaped_server(world: World) -> None:
