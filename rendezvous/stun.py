@@ -1,7 +1,12 @@
 """A STUN binding server (RFC 5389) on UDP: tells each peer the address its packets come from.
 
 Only what a STUN server for ICE needs: a Binding request gets a success response carrying
-XOR-MAPPED-ADDRESS (IPv4 and IPv6), SOFTWARE and FINGERPRINT. Requests of another method get a
+XOR-MAPPED-ADDRESS (IPv4 and IPv6), SOFTWARE and FINGERPRINT. A request without the magic
+cookie comes from an RFC 3489 client: as RFC 5389 section 12.2 asks, it gets MAPPED-ADDRESS
+instead (and no FINGERPRINT, which 3489 does not know), with its whole 16-byte transaction id
+(the 128 bits after the length, the cookie's place included) echoed; a 3489 CHANGE-REQUEST
+with no flag set is a plain request, one asking for another address or port gets a 420 (this
+server has one address; RFC 5780 answers so too). Requests of another method get a
 400, requests with unknown comprehension-required attributes a 420 (RFC 5389 section 7.3.1).
 No authentication: the binding service is public (section 12). Malformed datagrams are
 dropped silently and counted by reason in ``StunServer.counters``; nothing a datagram holds can
@@ -88,6 +93,24 @@ def unpack_xor_address(data: bytes, transaction_id: bytes) -> tuple[str, int]:
     return str(ipaddress.ip_address(raw)), xport ^ (COOKIE >> 16)
 
 
+def pack_address(value: tuple[str, int]) -> bytes:
+    """MAPPED-ADDRESS (section 15.1, RFC 3489 section 11.2.1): the address in the clear."""
+    ip = ipaddress.ip_address(value[0])
+    family = IPV4_FAMILY if ip.version == 4 else IPV6_FAMILY
+    return pack("!BBH", 0, family, value[1]) + ip.packed
+
+
+def unpack_address(data: bytes) -> tuple[str, int]:
+    if len(data) < 4:
+        raise StunParseError("bad_attribute", "MAPPED-ADDRESS shorter than 4 bytes")
+    _, family, port = unpack("!BBH", data[:4])
+    size = {IPV4_FAMILY: 4, IPV6_FAMILY: 16}.get(family)
+    if size is None or len(data) != 4 + size:
+        raise StunParseError("bad_attribute", f"MAPPED-ADDRESS: family {family}, "
+                             f"{len(data)} bytes")
+    return str(ipaddress.ip_address(data[4:])), int(port)
+
+
 def pack_error_code(value: tuple[int, str]) -> bytes:
     return pack("!HBB", 0, value[0] // 100, value[0] % 100) + value[1].encode("utf8")
 
@@ -143,6 +166,8 @@ class AttributeEntry:
 
 
 ATTRIBUTES: list[AttributeEntry] = [
+    AttributeEntry(0x0001, "MAPPED-ADDRESS", pack_address, unpack_address),
+    AttributeEntry(0x0003, "CHANGE-REQUEST", pack_unsigned, unpack_unsigned),  # RFC 3489/5780
     AttributeEntry(0x0006, "USERNAME", pack_string, unpack_string),
     AttributeEntry(0x0008, "MESSAGE-INTEGRITY", pack_bytes, unpack_bytes),
     AttributeEntry(0x0009, "ERROR-CODE", pack_error_code, unpack_error_code),
@@ -156,6 +181,11 @@ ATTRIBUTES: list[AttributeEntry] = [
 ]
 ATTRIBUTES_BY_CODE = {a.code: a for a in ATTRIBUTES}
 ATTRIBUTES_BY_NAME = {a.name: a for a in ATTRIBUTES}
+
+
+CHANGE_IP = 0x04
+CHANGE_PORT = 0x02
+"""CHANGE-REQUEST flags (RFC 3489 section 11.2.4)."""
 
 
 def comprehension_required(code: int) -> bool:
@@ -183,6 +213,20 @@ class Message:
     attributes: dict[str, Any] = field(default_factory=dict)
     unknown: list[int] = field(default_factory=list)
     """Codes of received attributes this module does not know, in order."""
+    rfc3489: bool = False
+    """An RFC 3489 message: no magic cookie, and ``transaction_id`` is the 16 bytes after the
+    length (12 bytes otherwise)."""
+
+    def __post_init__(self) -> None:
+        want = 16 if self.rfc3489 else 12
+        if len(self.transaction_id) != want:
+            raise ValueError(f"an RFC {3489 if self.rfc3489 else 5389} transaction id is "
+                             f"{want} bytes, got {len(self.transaction_id)}")
+
+    def _head(self, message_type: int, length: int) -> bytes:
+        if self.rfc3489:
+            return pack("!HH16s", message_type, length, self.transaction_id)
+        return pack("!HHI12s", message_type, length, COOKIE, self.transaction_id)
 
     def __bytes__(self) -> bytes:
         body = b""
@@ -190,13 +234,14 @@ class Message:
             if name == "FINGERPRINT":
                 continue
             entry = ATTRIBUTES_BY_NAME[name]
+            if entry.xor and self.rfc3489:
+                raise ValueError(f"{name} does not exist in RFC 3489 (no magic cookie)")
             v = entry.pack(value, self.transaction_id) if entry.xor else entry.pack(value)
             body += pack("!HH", entry.code, len(v)) + v + bytes(padding(len(v)))
         message_type = _encode_type(self.method, self.message_class)
         if "FINGERPRINT" not in self.attributes:
-            return pack("!HHI12s", message_type, len(body), COOKIE, self.transaction_id) + body
-        head = pack("!HHI12s", message_type, len(body) + FINGERPRINT_LENGTH, COOKIE,
-                    self.transaction_id)
+            return self._head(message_type, len(body)) + body
+        head = self._head(message_type, len(body) + FINGERPRINT_LENGTH)
         crc = fingerprint(head + body)
         return head + body + pack("!HHI", ATTRIBUTES_BY_NAME["FINGERPRINT"].code, 4, crc)
 
@@ -214,7 +259,10 @@ def _decode_type(message_type: int) -> tuple[int, Class]:
 
 
 def parse_message(data: bytes) -> Message:
-    """Parse one datagram; raise ``StunParseError`` (a ValueError) saying what is wrong."""
+    """Parse one datagram; raise ``StunParseError`` (a ValueError) saying what is wrong.
+
+    A message without the magic cookie is taken as RFC 3489 (``Message.rfc3489``, a 16-byte
+    transaction id); its XOR attributes, which need the cookie, count as unknown."""
     if len(data) < HEADER_LENGTH:
         raise StunParseError(
             "short", f"too short: {len(data)} bytes, a STUN header is {HEADER_LENGTH}"
@@ -222,14 +270,15 @@ def parse_message(data: bytes) -> Message:
     message_type, length, cookie, transaction_id = unpack("!HHI12s", data[:HEADER_LENGTH])
     if message_type & 0xC000:
         raise StunParseError("not_stun", "the two leading bits of a STUN message must be zero")
-    if cookie != COOKIE:
-        raise StunParseError("bad_cookie", f"magic cookie {cookie:#010x}, want {COOKIE:#010x}")
+    rfc3489 = cookie != COOKIE
+    if rfc3489:
+        transaction_id = data[4:HEADER_LENGTH]
     if length % 4 or HEADER_LENGTH + length != len(data):
         raise StunParseError(
             "bad_length", f"length field {length} for a datagram of {len(data)} bytes"
         )
     method, message_class = _decode_type(message_type)
-    message = Message(method, message_class, transaction_id)
+    message = Message(method, message_class, transaction_id, rfc3489=rfc3489)
     pos = HEADER_LENGTH
     while pos < len(data):
         if pos + 4 > len(data):
@@ -244,6 +293,8 @@ def parse_message(data: bytes) -> Message:
         if "FINGERPRINT" in message.attributes:
             raise StunParseError("bad_fingerprint", "attribute after FINGERPRINT")
         entry = ATTRIBUTES_BY_CODE.get(code)
+        if entry is not None and entry.xor and rfc3489:
+            entry = None
         if entry is None:
             message.unknown.append(code)
         elif entry.xor:
@@ -274,6 +325,8 @@ def parse_binding_response(data: bytes, transaction_id: bytes) -> tuple[str, int
     ``transaction_id``, as ``(ip, port)``; ``StunParseError`` (a ValueError) says what is
     wrong."""
     message = parse_message(data)
+    if message.rfc3489:
+        raise StunParseError("bad_cookie", "not an RFC 5389 response: no magic cookie")
     if message.method != Method.BINDING or message.message_class is not Class.RESPONSE:
         raise StunParseError("not_response", f"not a Binding success response: method "
                              f"{message.method:#05x}, class {message.message_class.name}")
@@ -301,9 +354,11 @@ def _client_address(addr: tuple[Any, ...]) -> tuple[str, int]:
 class StunServer(asyncio.DatagramProtocol):
     """Answers STUN Binding requests on one UDP socket. ``start()`` binds, ``close()`` unbinds.
 
-    ``counters`` counts datagrams by outcome: ``answered``, ``error_400`` / ``error_420``
-    (an error response was sent), ``indication`` (ignored), and one drop reason per
-    ``StunParseError.reason`` plus ``not_request``, ``too_large``, ``rate_limited``.
+    ``counters`` counts datagrams by outcome: ``answered`` (every success response), and by
+    client kind ``answered_rfc5389`` (XOR-MAPPED-ADDRESS) / ``answered_rfc3489``
+    (MAPPED-ADDRESS), ``error_400`` / ``error_420`` (an error response was sent),
+    ``indication`` (ignored), and one drop reason per ``StunParseError.reason`` plus
+    ``not_request``, ``too_large``, ``rate_limited``.
     """
 
     def __init__(
@@ -386,27 +441,37 @@ class StunServer(asyncio.DatagramProtocol):
             self.counters["rate_limited"] += 1
             return None
         unknown = [c for c in request.unknown if comprehension_required(c)]
+        if request.attributes.get("CHANGE-REQUEST", 0) & (CHANGE_IP | CHANGE_PORT):
+            unknown.append(ATTRIBUTES_BY_NAME["CHANGE-REQUEST"].code)  # one address, one port
         if unknown:
             self.counters["error_420"] += 1
             return self._error(request, 420, "Unknown Attribute", {"UNKNOWN-ATTRIBUTES": unknown})
         if request.method != Method.BINDING:
             self.counters["error_400"] += 1
             return self._error(request, 400, "Bad Request")
-        response = Message(Method.BINDING, Class.RESPONSE, request.transaction_id)
-        response.attributes["XOR-MAPPED-ADDRESS"] = _client_address(addr)
+        response = Message(Method.BINDING, Class.RESPONSE, request.transaction_id,
+                           rfc3489=request.rfc3489)
+        if request.rfc3489:  # RFC 5389 section 12.2
+            response.attributes["MAPPED-ADDRESS"] = _client_address(addr)
+        else:
+            response.attributes["XOR-MAPPED-ADDRESS"] = _client_address(addr)
         if self.software:
             response.attributes["SOFTWARE"] = self.software
-        response.attributes["FINGERPRINT"] = 0  # computed by __bytes__
+        if not request.rfc3489:
+            response.attributes["FINGERPRINT"] = 0  # computed by __bytes__
         self.counters["answered"] += 1
+        self.counters["answered_rfc3489" if request.rfc3489 else "answered_rfc5389"] += 1
         return bytes(response)
 
     def _error(
         self, request: Message, code: int, reason: str, extra: dict[str, Any] | None = None
     ) -> bytes:
-        response = Message(request.method, Class.ERROR, request.transaction_id)
+        response = Message(request.method, Class.ERROR, request.transaction_id,
+                           rfc3489=request.rfc3489)
         response.attributes["ERROR-CODE"] = (code, reason)
         response.attributes.update(extra or {})
         if self.software:
             response.attributes["SOFTWARE"] = self.software
-        response.attributes["FINGERPRINT"] = 0
+        if not request.rfc3489:
+            response.attributes["FINGERPRINT"] = 0
         return bytes(response)

@@ -6,6 +6,7 @@ import asyncio
 import binascii
 import contextlib
 import os
+import shutil
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -170,7 +171,6 @@ def test_message_round_trip_and_precise_errors() -> None:
     good = bytes(msg)
     cases = {
         "short": good[:19],
-        "bad_cookie": good[:4] + b"\x00\x00\x00\x00" + good[8:],
         "bad_length": good[:-1],
         "bad_fingerprint": good[:-1] + bytes([good[-1] ^ 1]),
         "not_stun": b"\xc0" + good[1:],
@@ -179,6 +179,18 @@ def test_message_round_trip_and_precise_errors() -> None:
         with pytest.raises(StunParseError) as info:
             parse_message(data)
         assert info.value.reason == reason and isinstance(info.value, ValueError)
+    # Without the magic cookie it is an RFC 3489 message with a 16-byte transaction id (whose
+    # FINGERPRINT, over the changed header, now fails).
+    with pytest.raises(StunParseError) as info:
+        parse_message(good[:4] + bytes(4) + good[8:])
+    assert info.value.reason == "bad_fingerprint"
+    body = good[20:-8]  # the same attributes, FINGERPRINT cut
+    classic = parse_message(struct.pack("!HH", 0x0101, len(body)) + bytes(4) + tid + body)
+    assert classic.rfc3489 and classic.transaction_id == bytes(4) + tid
+    assert "XOR-MAPPED-ADDRESS" not in classic.attributes  # meaningless without the cookie
+    assert classic.unknown == [0x0020]
+    with pytest.raises(ValueError, match="16 bytes"):
+        Message(Method.BINDING, Class.REQUEST, tid, rfc3489=True)
 
 
 # -- what is not a binding request ---------------------------------------------------------
@@ -192,7 +204,7 @@ def _overrun() -> bytes:
 MALFORMED: list[tuple[str, bytes, str]] = [
     ("random bytes", bytes.fromhex("8f3a") + os.urandom(60), "not_stun"),
     ("truncated header", binding_request()[:12], "short"),
-    ("wrong cookie", struct.pack("!HHI12s", 1, 0, 0xDEADBEEF, os.urandom(12)), "bad_cookie"),
+    ("3489: huge length field", struct.pack("!HH16s", 1, 0xFFFC, os.urandom(16)), "bad_length"),
     ("huge length field", struct.pack("!HHI12s", 1, 0xFFFC, COOKIE, os.urandom(12)),
      "bad_length"),
     ("length not a multiple of 4", binding_request(body=b"\x80\x22\x00\x01x"),
@@ -228,8 +240,9 @@ async def test_other_methods_and_unknown_attributes_get_errors() -> None:
         assert reply.attributes["ERROR-CODE"][0] == 400
         assert reply.transaction_id == allocate.transaction_id
 
-        # 0x0003 (CHANGE-REQUEST) is comprehension-required and not supported: 420.
-        change = binding_request(body=struct.pack("!HHI", 0x0003, 4, 0))
+        # CHANGE-REQUEST (0x0003) asking for another address or port: this server has one of
+        # each, so 420 (RFC 5780); with no flag set it is a plain request (below).
+        change = binding_request(body=struct.pack("!HHI", 0x0003, 4, 0x06))
         client.transport.sendto(change, ("127.0.0.1", server.port))
         data = await asyncio.wait_for(client.raw.get(), WAIT)
         reply_msg = parse_message(data)
@@ -241,7 +254,17 @@ async def test_other_methods_and_unknown_attributes_get_errors() -> None:
         client.transport.sendto(optional, ("127.0.0.1", server.port))
         data = await asyncio.wait_for(client.raw.get(), WAIT)
         assert parse_message(data).message_class is Class.RESPONSE
-        assert server.counters["error_400"] == server.counters["error_420"] == 1
+        no_change = binding_request(body=struct.pack("!HHI", 0x0003, 4, 0))
+        client.transport.sendto(no_change, ("127.0.0.1", server.port))
+        data = await asyncio.wait_for(client.raw.get(), WAIT)
+        assert parse_message(data).attributes["XOR-MAPPED-ADDRESS"] == client.sockname
+        # An unknown comprehension-required one still gets its 420.
+        unknown = binding_request(body=struct.pack("!HHI", 0x0033, 4, 0))
+        client.transport.sendto(unknown, ("127.0.0.1", server.port))
+        data = await asyncio.wait_for(client.raw.get(), WAIT)
+        assert parse_message(data).attributes["UNKNOWN-ATTRIBUTES"] == [0x0033]
+        assert server.counters["error_400"] == 1 and server.counters["error_420"] == 2
+        assert server.counters["answered"] == server.counters["answered_rfc5389"] == 2
 
 
 async def test_per_source_rate_limit() -> None:
@@ -295,8 +318,73 @@ async def test_client_binding_request_and_response() -> None:
         ((request, tid), "not_response", "not a Binding success response"),
         ((bytes(Message(Method.BINDING, Class.RESPONSE, tid)), tid), "no_address",
          "no XOR-MAPPED-ADDRESS"),
+        ((bytes(Message(Method.BINDING, Class.RESPONSE, bytes(16), rfc3489=True)), tid),
+         "bad_cookie", "no magic cookie"),
     ]
     for args, reason, text in refusals:
         with pytest.raises(StunParseError, match=text) as info:
             stun.parse_binding_response(*args)
         assert info.value.reason == reason
+
+
+# -- RFC 3489 clients (RFC 5389 section 12.2) -----------------------------------------------
+
+
+def classic_request(transaction_id: bytes, body: bytes = b"") -> bytes:
+    """An RFC 3489 Binding request: type, length, then a 128-bit transaction id (no cookie)."""
+    return struct.pack("!HH16s", 0x0001, len(body), transaction_id) + body
+
+
+async def test_rfc3489_request_gets_mapped_address_and_its_transaction_id() -> None:
+    async with stun_server() as server, udp_client() as client:
+        assert client.transport is not None
+        tid = bytes(range(100, 116))  # its first 4 bytes are not the cookie
+        # with a CHANGE-REQUEST asking for no change, as RFC 3489 clients send it
+        client.transport.sendto(classic_request(tid, struct.pack("!HHI", 0x0003, 4, 0)),
+                                ("127.0.0.1", server.port))
+        data = await asyncio.wait_for(client.raw.get(), WAIT)
+        msg_type, length, got_tid = struct.unpack("!HH16s", data[:20])
+        assert (msg_type, got_tid, len(data)) == (0x0101, tid, 20 + length)
+        # MAPPED-ADDRESS first, in the clear (RFC 3489 section 11.2.1), no XOR, no FINGERPRINT.
+        host, port = client.sockname
+        attr_type, attr_len, _, family, got_port = struct.unpack("!HHBBH", data[20:28])
+        assert (attr_type, attr_len, family, got_port) == (0x0001, 8, 1, port)
+        assert socket.inet_ntoa(data[28:32]) == host
+        reply = parse_message(data)
+        assert reply.rfc3489 and reply.attributes["MAPPED-ADDRESS"] == (host, port)
+        assert set(reply.attributes) == {"MAPPED-ADDRESS", "SOFTWARE"}
+        # aioice (an RFC 5389 client) on the same server still gets XOR-MAPPED-ADDRESS.
+        response = await client.binding(("127.0.0.1", server.port))
+        assert response.attributes["XOR-MAPPED-ADDRESS"] == client.sockname
+        # A 3489 client asking for another port gets the 420, in its own framing.
+        client.transport.sendto(classic_request(tid, struct.pack("!HHI", 0x0003, 4, 0x02)),
+                                ("127.0.0.1", server.port))
+        error = parse_message(await asyncio.wait_for(client.raw.get(), WAIT))
+        assert error.rfc3489 and error.transaction_id == tid
+        assert error.attributes["ERROR-CODE"][0] == 420 and "FINGERPRINT" not in error.attributes
+        # Malformed 3489 datagrams are dropped with a counted reason.
+        client.transport.sendto(classic_request(tid)[:-1] + b"\x00\x01", ("127.0.0.1",
+                                                                           server.port))
+        assert await no_reply(client)
+    assert server.counters["answered_rfc3489"] == 1
+    assert server.counters["answered_rfc5389"] == 1 and server.counters["answered"] == 2
+    assert server.counters["error_420"] == 1 and server.counters["bad_length"] == 1
+
+
+@pytest.mark.skipif(shutil.which("stun") is None,
+                    reason="no RFC 3489 client: apt-get install stun-client (stund's `stun`)")
+async def test_stund_rfc3489_client_reads_its_address() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a free source port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with stun_server() as server:
+        proc = await asyncio.create_subprocess_exec(
+            "stun", f"127.0.0.1:{server.port}", "1", "-v", "-p", str(port),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    text = out.decode(errors="replace")
+    # test 1 of RFC 3489: one Binding request; the client parsed MAPPED-ADDRESS and matched
+    # the transaction id ("ok=1").
+    assert f"MappedAddress = 127.0.0.1:{port}" in text, text
+    assert "ok=1" in text, text
+    assert server.counters["answered_rfc3489"] >= 1 and server.counters["answered_rfc5389"] == 0
