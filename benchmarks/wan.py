@@ -223,7 +223,7 @@ def goodput(rec: dict[str, Any]) -> float | None:
     times = [t for t in rec.get("times", []) if t > 0]
     if rec.get("error") or not times:
         return None
-    return float(rec["bytes"]) / 1e6 / statistics.median(times)
+    return float(rec["bytes"]) / 1e6 / float(statistics.median(times))
 
 
 def tcp_figures(sender: Host, receiver: Host, nbytes_: int, repeats: int,
@@ -352,7 +352,8 @@ def swarm(profile: LinkProfile, tmp: Path, epochs: int) -> dict[str, Any]:
                           listen=None)
         codes = sw.wait_peers(900)
         out["exit_codes"] = {str(k): v for k, v in codes.items()}
-        ids = {n: (sw.events(n, "start") or [{}])[0].get("peer_id") for n in range(SWARM_PEERS)}
+        ids = {n: str((sw.events(n, "start") or [{}])[0].get("peer_id"))
+               for n in range(SWARM_PEERS)}
         sending = {n: {e["epoch"]: e for e in sw.events(n, "sending")} for n in ids}
         rounds, lost, ratios, accs = [], [], [], []
         rate = profile.up_mbit * 1e6 / 8
@@ -372,7 +373,7 @@ def swarm(profile: LinkProfile, tmp: Path, epochs: int) -> dict[str, Any]:
                            (sending[m].get(e) or {}).get("sent_to", [])}
                 missing = senders - set(ep.get("merged_from", []))
                 if missing:
-                    lost.append({"peer": n, "epoch": e, "missing": sorted(missing)})
+                    lost.append({"peer": n, "epoch": e, "missing": sorted(str(m) for m in missing)})
             last = sw.events(n, "epoch")
             if last:
                 accs.append(float(last[-1]["acc_after"]))
