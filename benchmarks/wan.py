@@ -365,14 +365,21 @@ def swarm(profile: LinkProfile, tmp: Path, epochs: int) -> dict[str, Any]:
                 snd = sending[n].get(e)
                 if snd is None:
                     continue
-                exchange_s = float(ep["t"]) - float(snd["t"])
+                # whoever sent to n this epoch must have been merged by n
+                from_nums = [m for m in ids if m != n and ids[n] in
+                             (sending[m].get(e) or {}).get("sent_to", [])]
+                senders = {ids[m] for m in from_nums}
+                # the exchange: from the last of these sends (or n's own) starting to n's
+                # merge, so that neighbours still training (skew) are not counted
+                start = max([float(snd["t"])] + [float(sending[m][e]["t"]) for m in from_nums])
+                exchange_s = float(ep["t"]) - start
+                wait_s = start - float(snd["t"])
                 bound = float(snd["bytes"]) * len(snd["sent_to"]) / rate
                 ratios.append(exchange_s / bound if bound else None)
                 rounds.append({"peer": n, "epoch": e, "exchange_s": round(exchange_s, 3),
+                               "waited_for_training_s": round(wait_s, 3),
+                               "from_own_send_s": round(float(ep["t"]) - float(snd["t"]), 3),
                                "bound_s": round(bound, 3)})
-                # whoever sent to n this epoch must have been merged by n
-                senders = {ids[m] for m in ids if m != n and ids[n] in
-                           (sending[m].get(e) or {}).get("sent_to", [])}
                 missing = senders - set(ep.get("merged_from", []))
                 if missing:
                     lost.append({"peer": n, "epoch": e, "missing": sorted(str(m) for m in missing)})
