@@ -6,7 +6,8 @@ The same processes as ``benchmarks/_natprobe.py`` (``ours-*``: two :class:`overl
 peers, ``Host.send_model`` acknowledged after digest and signature checks; ``bare-*``: one bare
 aiortc data channel with explicit ``iceServers`` from the rendezvous), but the payload is the
 state dict described by ``--shapes``: a JSON list of ``[name, [dims...]]`` (float32 arrays of
-that shape, random values), e.g. the 4.8 MB CNN or a ResNet-18-sized state dict.
+that shape, random values), e.g. the 4.8 MB CNN or a ResNet-18-sized state dict, and one
+``send_model`` may take up to :data:`SEND_TIMEOUT` (big payloads on slow uplinks).
 """
 
 from __future__ import annotations
@@ -14,11 +15,23 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import _natprobe  # noqa: E402
+
+from overlay.host import HostConfig  # noqa: E402
+
+SEND_TIMEOUT = 900.0
+"""Bound on one ``Host.send_model`` (``_natprobe`` uses 120 s: too short for 46.8 MB on a
+5 Mbit/s uplink); the deadline of the whole pair (``--deadline``) still applies."""
+
+
+def _config(**kw: Any) -> HostConfig:
+    kw["send_timeout"] = max(float(kw.get("send_timeout", 0.0)), SEND_TIMEOUT)
+    return HostConfig(**kw)
 
 
 def load_shapes(path: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -41,6 +54,7 @@ def main() -> None:
     if len(argv) < 2 or argv[0] != "--shapes":
         raise SystemExit("usage: _wanprobe.py --shapes FILE.json MODE [natprobe options]")
     _natprobe.SHAPES = load_shapes(argv[1])
+    setattr(_natprobe, "HostConfig", _config)  # noqa: B010 (its ours_send reads this name)
     sys.argv = [sys.argv[0], *argv[2:]]
     _natprobe.main()
 
