@@ -57,6 +57,7 @@ class HttpEndpoints:
             "uptime_s": round(time.monotonic() - self._started, 3),
             "stun": None if self.stun is None else {
                 "port": self.stun.port, "counters": dict(self.stun.counters),
+                "answered_by_kind": dict(self.stun.answered_by_kind),
             },
         })
 

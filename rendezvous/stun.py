@@ -354,11 +354,11 @@ def _client_address(addr: tuple[Any, ...]) -> tuple[str, int]:
 class StunServer(asyncio.DatagramProtocol):
     """Answers STUN Binding requests on one UDP socket. ``start()`` binds, ``close()`` unbinds.
 
-    ``counters`` counts datagrams by outcome: ``answered`` (every success response), and by
-    client kind ``answered_rfc5389`` (XOR-MAPPED-ADDRESS) / ``answered_rfc3489``
-    (MAPPED-ADDRESS), ``error_400`` / ``error_420`` (an error response was sent),
+    ``counters`` counts each datagram exactly once, by outcome: ``answered`` (a success
+    response), ``error_400`` / ``error_420`` (an error response was sent),
     ``indication`` (ignored), and one drop reason per ``StunParseError.reason`` plus
-    ``not_request``, ``too_large``, ``rate_limited``.
+    ``not_request``, ``too_large``, ``rate_limited``. ``answered_by_kind`` splits the answered
+    ones by client: ``rfc5389`` (XOR-MAPPED-ADDRESS) and ``rfc3489`` (MAPPED-ADDRESS).
     """
 
     def __init__(
@@ -374,6 +374,7 @@ class StunServer(asyncio.DatagramProtocol):
         self.requested_port = port
         self.software = software
         self.counters: collections.Counter[str] = collections.Counter()
+        self.answered_by_kind: collections.Counter[str] = collections.Counter()
         self._limiter = KeyedRateLimiter(rate_limit, burst) if rate_limit > 0 else None
         self._transport: asyncio.DatagramTransport | None = None
         self._port: int | None = None
@@ -460,7 +461,7 @@ class StunServer(asyncio.DatagramProtocol):
         if not request.rfc3489:
             response.attributes["FINGERPRINT"] = 0  # computed by __bytes__
         self.counters["answered"] += 1
-        self.counters["answered_rfc3489" if request.rfc3489 else "answered_rfc5389"] += 1
+        self.answered_by_kind["rfc3489" if request.rfc3489 else "rfc5389"] += 1
         return bytes(response)
 
     def _error(

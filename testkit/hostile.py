@@ -87,7 +87,7 @@ class Kind(enum.StrEnum):
     TRANSFER = "transfer"  # a whole hostile ZeroMQ-kind message, properly chunked
     # STUN
     SHORT = "short"
-    BAD_COOKIE = "bad_cookie"
+    NO_COOKIE = "no_cookie"  # no magic cookie: an RFC 3489 request, answered with MAPPED-ADDRESS
     BAD_LENGTH = "bad_length"
     TRUNCATED_ATTRIBUTE = "truncated_attribute"
     BAD_FINGERPRINT = "bad_fingerprint"
@@ -474,7 +474,7 @@ async def blast_webrtc(
 
 # ---- STUN -------------------------------------------------------------------------------------
 
-STUN_KINDS: tuple[Kind, ...] = (Kind.RANDOM, Kind.SHORT, Kind.BAD_COOKIE, Kind.BAD_LENGTH,
+STUN_KINDS: tuple[Kind, ...] = (Kind.RANDOM, Kind.SHORT, Kind.NO_COOKIE, Kind.BAD_LENGTH,
                                 Kind.TRUNCATED_ATTRIBUTE, Kind.BAD_FINGERPRINT, Kind.OVERSIZED,
                                 Kind.VALID)
 _COOKIE = 0x2112A442
@@ -497,7 +497,7 @@ def stun_datagrams(count: int, *, seed: int = 0) -> Iterator[tuple[Kind, bytes]]
             data = r.randbytes(r.randint(0, 600))
         elif kind is Kind.SHORT:
             data = r.randbytes(r.randint(0, 19))
-        elif kind is Kind.BAD_COOKIE:
+        elif kind is Kind.NO_COOKIE:
             data = head(0, cookie=r.getrandbits(32) | 1)
         elif kind is Kind.BAD_LENGTH:
             data = head(r.choice([3, 8, 400, 0xFFFC])) + r.randbytes(r.choice([0, 4, 12]))

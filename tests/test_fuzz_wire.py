@@ -483,8 +483,11 @@ def test_stun_hostile_kinds_are_counted_by_reason() -> None:
     assert "internal_error" not in server.counters
     assert server.counters["answered"] == replies - server.counters["error_420"] - server.counters[
         "error_400"]
-    assert {"short", "bad_cookie", "bad_length", "bad_attribute", "bad_fingerprint",
+    assert {"short", "bad_length", "bad_attribute", "bad_fingerprint",
             "too_large", "answered"} <= set(server.counters)
+    # a request without the magic cookie is an RFC 3489 client's, answered (RFC 5389 section 12.2)
+    assert server.answered_by_kind["rfc3489"] > 0 and server.answered_by_kind["rfc5389"] > 0
+    assert sum(server.answered_by_kind.values()) == server.counters["answered"]
 
 
 def test_pickled_frames_are_never_loaded(tmp_path: Path) -> None:
