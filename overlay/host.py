@@ -195,8 +195,9 @@ class Host(Generic[T]):
         if addrs and not self.rendezvous.reachable_addrs:
             log.warning("the rendezvous could not dial back %s: peers will reach us over WebRTC",
                         addrs[0])
+        rendezvous = self.rendezvous
         self.webrtc = WebRtcTransport(
-            self.identity, self.rendezvous.ice_servers, self._on_message, self.config.limits,
+            self.identity, lambda: rendezvous.ice_servers, self._on_message, self.config.limits,
             send_signal=self._send_signal,
             ice_transport_policy=self.config.ice_transport_policy,
             connect_timeout=self.config.connect_timeout,

@@ -78,7 +78,9 @@ class WebRtcTransport(Transport):
 
     ``send_signal(peer_id, kind, data)`` delivers a signaling message to a peer (through the
     rendezvous); incoming ones are fed to :meth:`on_signal`. ``ice_servers`` is always explicit
-    (an empty list: host candidates only); ``ice_transport_policy="relay"`` forces TURN.
+    (an empty list: host candidates only), a list or a zero-argument callable that returns the
+    current list (asked for every new peer connection, so renewed TURN credentials are used);
+    ``ice_transport_policy="relay"`` forces TURN.
     """
 
     name: ClassVar[str] = "webrtc"
@@ -86,7 +88,7 @@ class WebRtcTransport(Transport):
     def __init__(
         self,
         identity: Identity,
-        ice_servers: IceServers,
+        ice_servers: IceServers | Callable[[], IceServers],
         handler: Handler,
         limits: Limits = Limits(),
         *,
@@ -101,10 +103,8 @@ class WebRtcTransport(Transport):
         self.identity = identity
         self.peer_id = identity.peer_id
         self.limits = limits
-        self.ice_servers = list(ice_servers)
+        self._ice_servers = ice_servers
         self.ice_transport_policy = ice_transport_policy
-        self.configuration = ice_configuration(ice_servers, ice_transport_policy)
-        self.first_stage = first_stage(ice_servers, ice_transport_policy)
         self.direct_timeout = min(direct_timeout, connect_timeout / 3)
         self.connect_timeout = connect_timeout
         self.transfer_timeout = transfer_timeout
@@ -117,6 +117,17 @@ class WebRtcTransport(Transport):
         """Handlers and connection attempts (cancelled by close()), pc.close() (awaited)."""
         self._links: dict[str, WebRtcLink] = {}
         self._closed = False
+
+    @property
+    def ice_servers(self) -> IceServers:
+        """The STUN/TURN servers now: a callable given to the constructor is asked each time
+        (TURN credentials are renewed by the rendezvous client before they expire)."""
+        servers = self._ice_servers() if callable(self._ice_servers) else self._ice_servers
+        return list(servers)
+
+    @property
+    def first_stage(self) -> IceStage:
+        return first_stage(self.ice_servers, self.ice_transport_policy)
 
     def configuration_for(self, stage: IceStage) -> RTCConfiguration:
         """``direct``: STUN only; ``any``: every configured server (TURN included)."""
