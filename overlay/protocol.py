@@ -9,17 +9,22 @@ checks a received frame against it and fails with a precise ``ProtocolError``.
                                proof (closed jobs, see overlay.membership) =
                                  HMAC-SHA256(join secret, DOMAIN_JOB_PROOF + job + public_key)
     server -> peer   welcome   {peer_id, observed_ip, reachable_addrs, members, ttl,
-                                heartbeat_interval, ice_servers}
+                                heartbeat_interval, ice_servers, [ice_ttl]}
     server -> peer   joined    {member}            (pushed, no polling)
     server -> peer   left      {peer_id, reason}   (reason: leave | expired | replaced)
     peer   -> server heartbeat {}
     peer   -> server report    {epoch, metrics}    (shown by GET /peers)
     peer   -> server leave     {}
+    peer   -> server refresh_ice {}            (fresh TURN credentials, before they expire)
+    server -> peer   ice_servers {ice_servers, [ice_ttl]}   (the answer to refresh_ice)
     peer   -> server signal    {to, kind, data}    (relayed to ``to``, a connected member of
                                                     the same job; whole message <= 32 KiB)
     server -> peer   signal    {from, kind, data}  (``from`` set by the server, never copied)
                                kind: offer | answer | candidate | bye; data: bin or map
     server -> peer   error     {code, message}
+
+``ice_ttl``: seconds until the TURN credentials in ``ice_servers`` expire; present when they
+do, and then the rendezvous answers ``refresh_ice`` (a peer renews at ~80 % of ``ice_ttl``).
 
 An ``error`` may carry more fields: ``unknown_peer`` has ``to``, the target it refers to.
 
@@ -75,6 +80,8 @@ class MsgType(enum.StrEnum):
     LINKS = "links"
     LEAVE = "leave"
     SIGNAL = "signal"
+    REFRESH_ICE = "refresh_ice"
+    ICE_SERVERS = "ice_servers"
     ERROR = "error"
 
 
@@ -127,6 +134,7 @@ SCHEMA: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.REPORT: {"epoch": (int,), "metrics": (dict,)},
     MsgType.LINKS: {"links": (dict,)},
     MsgType.LEAVE: {},
+    MsgType.REFRESH_ICE: {},
     # both ways; the peer field ("to" / "from") is checked by check_signal()
     MsgType.SIGNAL: {"kind": (str,), "data": (bytes, dict)},
     # server -> peer (checked by the client)
@@ -142,11 +150,14 @@ SCHEMA: dict[MsgType, dict[str, tuple[type, ...]]] = {
     },
     MsgType.JOINED: {"member": (dict,)},
     MsgType.LEFT: {"peer_id": (str,), "reason": (str,)},
+    MsgType.ICE_SERVERS: {"ice_servers": (list,)},
     MsgType.ERROR: {"code": (str,), "message": (str,)},
 }
 # Fields a message may carry, by type: checked like SCHEMA's when present.
 OPTIONAL: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.JOIN: {"proof": (bytes,)},
+    MsgType.WELCOME: {"ice_ttl": (int, float)},
+    MsgType.ICE_SERVERS: {"ice_ttl": (int, float)},
 }
 MAX_PROOF_BYTES = 64
 

@@ -10,6 +10,7 @@ from overlay.transport.chunks import (
     CHUNK_HEADER,
     CHUNK_SIZE,
     FRAME_LEN,
+    MIN_RATE,
     Assembly,
     ChunkError,
     ChunkFlag,
@@ -20,6 +21,7 @@ from overlay.transport.chunks import (
     control_reason,
     iter_chunks,
     max_transfer_len,
+    transfer_cap,
 )
 from overlay.wire import Limits
 
@@ -133,15 +135,21 @@ def test_garbage_headers_and_control_chunks() -> None:
     assert control_reason(reject) == "too_large"
 
 
-def test_timeouts_are_computed_from_the_first_and_the_last_chunk() -> None:
+def test_deadlines_follow_progress_and_grow_with_the_size() -> None:
     assembly = assemble(list(iter_chunks(1, frames_of([10]))))
     assert assembly.started == 0.0 and assembly.last == 0.0
-    assert assembly.deadline(transfer_timeout=10, chunk_idle_timeout=3) == 3
-    assert assembly.overdue(2.9, 10, 3) is None
-    idle = assembly.overdue(3.0, 10, 3)
+    assert assembly.deadline(chunk_idle_timeout=3, min_rate=1000) == 3
+    assert assembly.overdue(2.9, 3, 1000) is None
+    idle = assembly.overdue(3.0, 3, 1000)
     assert idle is not None and idle.reason == "chunk_timeout"
-    assembly.last = 9.5
-    late = assembly.overdue(10.0, 10, 3)
-    assert late is not None and late.reason == "transfer_timeout"
+    # a transfer that keeps moving is kept until it falls below min_rate on average
+    cap = transfer_cap(assembly.total_len, 3, 1000)
+    assert cap == 12 + assembly.total_len / 1000
+    assembly.last = cap - 1
+    assert assembly.overdue(cap - 0.5, 3, 1000) is None
+    late = assembly.overdue(cap, 3, 1000)
+    assert late is not None and late.reason == "too_slow"
+    # the bound grows with the size: 45 MB at the default rate get most of an hour
+    assert transfer_cap(45_000_000, 15) > 45_000_000 / MIN_RATE
     assembly.free()
     assert len(assembly.buf) == 0

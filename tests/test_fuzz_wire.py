@@ -308,7 +308,7 @@ async def _reassemble(messages: list[bytes | str], limits: Limits) -> tuple[list
         return None
 
     transport = WebRtcTransport(Identity.generate(), [], handler, limits,
-                                send_signal=_noop_signal, transfer_timeout=5,
+                                send_signal=_noop_signal,
                                 chunk_idle_timeout=5)
     link = transport._new_link("z" * 32, reason="fuzz")
     peak = 0

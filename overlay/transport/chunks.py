@@ -12,8 +12,13 @@ big-endian) followed by the frames, cut into chunks of at most :data:`MAX_MESSAG
 every chunk but the last carries exactly :data:`CHUNK_SIZE` bytes and all chunks of a transfer
 repeat the same ``count``/``frame_count``/``total_len``. Flags: ``REPLY`` (the transfer answers
 one of our requests), ``ABORT`` (the sender gave a transfer up), ``REJECT`` (the receiver
-refused one of *our* transfers; data = reason). The channel is ordered and reliable, so chunks
-arrive in order and any deviation is a protocol error.
+refused one of *our* transfers; data = reason), ``PING`` (a heartbeat: transfer id 0, no
+data). The channel is ordered and reliable, so chunks arrive in order and any deviation is a
+protocol error.
+
+A receiver gives a transfer up when it stalls (no chunk for ``chunk_idle_timeout``) or when it
+falls below ``min_rate`` bytes/s on average (:func:`transfer_cap`: a bound that grows with
+the transfer's size); a slow transfer that keeps moving is never cut by a fixed deadline.
 
 :func:`begin_transfer` checks a transfer's first chunk against the limits *before* anything is
 allocated; the :class:`Assembly` it returns preallocates the whole transfer from its announced
@@ -46,13 +51,14 @@ class ChunkFlag(enum.IntEnum):
     REPLY = 0x01
     ABORT = 0x02
     REJECT = 0x04
+    PING = 0x08
 
 
 FLAG_REPLY = ChunkFlag.REPLY
 FLAG_ABORT = ChunkFlag.ABORT
 FLAG_REJECT = ChunkFlag.REJECT
 DATA_FLAGS = frozenset({ChunkFlag.DATA, ChunkFlag.REPLY})
-CONTROL_FLAGS = frozenset({ChunkFlag.ABORT, ChunkFlag.REJECT})
+CONTROL_FLAGS = frozenset({ChunkFlag.ABORT, ChunkFlag.REJECT, ChunkFlag.PING})
 
 
 class ChunkError(Exception):
@@ -138,6 +144,15 @@ def control_reason(message: bytes) -> str:
     return message[CHUNK_HEADER.size :].decode("ascii", "replace")
 
 
+MIN_RATE = 16 * 1024
+"""Bytes/s: the slowest average rate at which a receiver keeps an incoming transfer."""
+
+
+def transfer_cap(total_len: int, chunk_idle_timeout: float, min_rate: float = MIN_RATE) -> float:
+    """Seconds an incoming transfer of ``total_len`` bytes may take in all."""
+    return 4 * chunk_idle_timeout + total_len / min_rate
+
+
 def max_transfer_len(limits: Limits) -> int:
     """The largest transfer a receiver with ``limits`` accepts (frame table included)."""
     return limits.max_total_bytes + limits.max_header_bytes + FRAME_LEN * max_parts(limits)
@@ -201,16 +216,20 @@ class Assembly:
             pos += length
         return frames
 
-    def deadline(self, transfer_timeout: float, chunk_idle_timeout: float) -> float:
+    def deadline(self, chunk_idle_timeout: float, min_rate: float = MIN_RATE) -> float:
         """When the transfer is overdue (the clock of ``started`` / ``last``)."""
-        return min(self.started + transfer_timeout, self.last + chunk_idle_timeout)
+        cap = transfer_cap(self.total_len, chunk_idle_timeout, min_rate)
+        return min(self.started + cap, self.last + chunk_idle_timeout)
 
-    def overdue(self, now: float, transfer_timeout: float,
-                chunk_idle_timeout: float) -> ChunkError | None:
-        """Why the transfer is given up at ``now`` (``transfer_timeout`` since its first chunk,
-        ``chunk_idle_timeout`` since its last), or None while it is on time."""
-        if now - self.started >= transfer_timeout:
-            return ChunkError("transfer_timeout", f"not complete within {transfer_timeout:.1f} s")
+    def overdue(self, now: float, chunk_idle_timeout: float,
+                min_rate: float = MIN_RATE) -> ChunkError | None:
+        """Why the transfer is given up at ``now`` (stalled: no chunk for
+        ``chunk_idle_timeout``; too slow: :func:`transfer_cap` since its first chunk), or
+        None while it keeps moving."""
+        cap = transfer_cap(self.total_len, chunk_idle_timeout, min_rate)
+        if now - self.started >= cap:
+            return ChunkError("too_slow", f"not complete within {cap:.1f} s "
+                              f"(below {min_rate / 1024:.0f} KiB/s on average)")
         if now - self.last >= chunk_idle_timeout:
             return ChunkError("chunk_timeout", f"no chunk for {chunk_idle_timeout:.1f} s "
                               f"({self.next_index}/{self.count} received)")

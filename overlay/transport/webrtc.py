@@ -16,9 +16,14 @@ The peer with the lexicographically smaller id always offers (no glare). An ``of
 ``hello`` that arrives for a link that is already open means the remote lost its side (it
 restarted): the old link is closed and a new one made.
 
+A link is made of one or more *lanes*, each an RTCPeerConnection with one data channel; every
+offer and answer names its peer connection (``pc``, numbered by the offerer). An ``offer``
+with ``pc`` 0 always starts a link; a higher number adds a peer connection to the link.
+
 The layers, one module each: framing and reassembly (overlay.transport.chunks, sans-I/O),
-ICE configuration and staging (overlay.transport.ice), the link and its state machine
-(overlay.transport.webrtc_link), and this transport, which holds the links by peer id.
+ICE configuration and staging (overlay.transport.ice), one peer connection
+(overlay.transport.webrtc_lane), the link with its set-up race, lanes, heartbeat and state
+machine (overlay.transport.webrtc_link), and this transport, which holds the links by peer id.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from overlay.transport.chunks import (
     CHUNK_HEADER,
     CHUNK_SIZE,
     MAX_MESSAGE,
+    MIN_RATE,
     ChunkError,
     ChunkHeader,
     control_chunk,
@@ -62,14 +68,19 @@ SendSignal = Callable[[str, SignalKind, dict[str, Any]], Awaitable[None]]
 
 CONNECT_TIMEOUT = 15.0
 """Seconds from the start of an attempt until the data channel is open."""
-DIRECT_TIMEOUT = 4.0
-"""How long the ``direct`` stage (no TURN candidates) may take before the relay is tried;
-hole punching through port-restricted NATs took about 0.6 s in the lab."""
-TRANSFER_TIMEOUT = 120.0
-"""Seconds a receiver keeps one incoming transfer, first chunk to last."""
+RELAY_HEAD_START = 0.8
+"""How long the ``direct`` attempt (no TURN candidates) runs alone before a relayed attempt
+races it; hole punching through port-restricted NATs took about 0.6 s in the lab at 20 ms RTT,
+a TURN allocation and its checks about 0.8 s more."""
+LANES = 3
+"""Peer connections per link (overlay.transport.webrtc_link): transfers stripe over them."""
+HEARTBEAT_INTERVAL = 1.0
+"""Seconds between heartbeats on each lane."""
+DEAD_AFTER = 4.0
+"""A lane that shows no sign of the remote for this long fails its link."""
 CHUNK_IDLE_TIMEOUT = 15.0
 """Seconds a receiver waits for the next chunk of an incoming transfer."""
-MAX_TRANSFERS = 4
+MAX_TRANSFERS = 8
 """Incoming requests per link being received or handled; also outstanding requests per link."""
 
 
@@ -95,20 +106,32 @@ class WebRtcTransport(Transport):
         send_signal: SendSignal,
         ice_transport_policy: str = "all",
         connect_timeout: float = CONNECT_TIMEOUT,
-        direct_timeout: float = DIRECT_TIMEOUT,
-        transfer_timeout: float = TRANSFER_TIMEOUT,
+        relay_head_start: float = RELAY_HEAD_START,
+        lanes: int = LANES,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        dead_after: float = DEAD_AFTER,
         chunk_idle_timeout: float = CHUNK_IDLE_TIMEOUT,
+        min_rate: float = MIN_RATE,
         max_transfers: int = MAX_TRANSFERS,
     ) -> None:
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, not {lanes}")
+        if dead_after <= heartbeat_interval:
+            raise ValueError("dead_after must be longer than heartbeat_interval")
         self.identity = identity
         self.peer_id = identity.peer_id
         self.limits = limits
         self._ice_servers = ice_servers
         self.ice_transport_policy = ice_transport_policy
-        self.direct_timeout = min(direct_timeout, connect_timeout / 3)
+        self.relay_head_start = min(relay_head_start, connect_timeout / 3)
         self.connect_timeout = connect_timeout
-        self.transfer_timeout = transfer_timeout
+        self.lanes = lanes
+        self.heartbeat_interval = heartbeat_interval
+        self.dead_after = dead_after
         self.chunk_idle_timeout = chunk_idle_timeout
+        self.min_rate = min_rate
+        self.relayed_before: set[str] = set()
+        """Peers whose last link needed the relay: the next one races it from the start."""
         self.max_transfers = max_transfers
         self.stats = TransportStats()
         self.handler = handler
@@ -154,12 +177,15 @@ class WebRtcTransport(Transport):
                 self._new_link(from_peer, reason="peer asked for a new offer").start()
             return
         if kind == SignalKind.OFFER and not we_offer and _is_sdp(data, "offer"):
-            if link is None or link.is_done or link.is_open or link.has_offer:
+            number = data.get("pc", 0)
+            if link is not None and link.fresh and number == 0:
+                link.give_offer(data)  # the offer our hello asked for
+            elif link is None or link.is_done or number == 0:
                 link = self._new_link(from_peer, reason="peer sent a new offer")
                 link.give_offer(data)
                 link.start()
-            else:
-                link.give_offer(data)
+            elif not link.give_offer(data):
+                log.info("ignoring a repeated offer (pc %r) from %s", number, from_peer)
             return
         if kind == SignalKind.ANSWER and we_offer and _is_sdp(data, "answer"):
             if link is None or not link.give_answer(data):
@@ -244,8 +270,9 @@ def _is_sdp(data: Any, kind: str) -> bool:
 
 
 __all__ = [
-    "CHUNK_HEADER", "CHUNK_SIZE", "CHUNK_IDLE_TIMEOUT", "CONNECT_TIMEOUT", "DIRECT_TIMEOUT",
-    "HIGH_WATER", "LOW_WATER", "MAX_MESSAGE", "MAX_TRANSFERS", "TRANSFER_TIMEOUT", "ChunkError",
+    "CHUNK_HEADER", "CHUNK_SIZE", "CHUNK_IDLE_TIMEOUT", "CONNECT_TIMEOUT", "DEAD_AFTER",
+    "HEARTBEAT_INTERVAL", "HIGH_WATER", "LANES", "LOW_WATER", "MAX_MESSAGE", "MAX_TRANSFERS",
+    "MIN_RATE", "RELAY_HEAD_START", "ChunkError",
     "ChunkHeader", "IceStage", "LinkState", "SendSignal", "WebRtcLink", "WebRtcTransport",
     "control_chunk", "has_turn", "ice_configuration", "iter_chunks", "selected_kind",
 ]

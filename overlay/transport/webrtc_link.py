@@ -1,12 +1,28 @@
-"""One WebRTC link: an RTCPeerConnection and its data channel to one remote peer (aiortc).
+"""One WebRTC link: the lanes (peer connections, overlay.transport.webrtc_lane) to one peer.
 
 Its life is a state machine (:class:`LinkState`, allowed transitions in :data:`TRANSITIONS`,
-changed only by :meth:`WebRtcLink._set_state`). The smaller peer id offers, staging ICE
-(overlay.transport.ice) within the connect timeout. Over the open channel a message is a
-transfer of chunks (overlay.transport.chunks): the receiver checks a first chunk before it
-keeps anything, bounds each transfer in time (``transfer_timeout``, ``chunk_idle_timeout``)
-and reports a refused one to its sender (``REJECT``), whose request then fails at once. The
-sender paces itself by ``bufferedAmount`` (:data:`HIGH_WATER` / :data:`LOW_WATER`).
+changed only by :meth:`WebRtcLink._set_state`). The smaller peer id offers:
+
+- **Set-up races the relay against the direct path.** With a TURN server configured, the
+  offerer first offers a ``direct`` attempt (STUN candidates only); if it is not open after
+  ``relay_head_start`` seconds, an ``any`` attempt (TURN too) starts beside it and the first
+  one open wins (the other is closed). A peer that needed the relay last time gets both at
+  once. aioice nominates the first pair that works, so with TURN candidates in the first
+  offer a punchable pair could end up relayed; the head start keeps it direct.
+- **Lanes.** Once open, the offerer adds ``lanes - 1`` more peer connections of the same
+  kind. Each transfer goes whole on the least loaded lane (its chunks stay in order), so
+  concurrent transfers (the pieces of a model, overlay.pieces) stripe over independent SCTP
+  windows: on links with delay or loss one aiortc association fills a fraction of the link.
+- **Heartbeat.** Every ``heartbeat_interval`` each lane sends a ``PING`` chunk unless data is
+  queued on it; a lane silent for ``dead_after`` seconds (nothing received and our send
+  buffer not drained: the remote acknowledges nothing) fails the link, so a vanished peer
+  is noticed in seconds instead of aiortc's ~30 s.
+
+Over a lane a message is a transfer of chunks (overlay.transport.chunks): the receiver checks
+a first chunk before it keeps anything, gives a transfer up when it stalls
+(``chunk_idle_timeout``) or crawls below ``min_rate`` (a bound that grows with the size), and
+reports a refused one to its sender (``REJECT``), whose request then fails at once. The
+sender paces itself by ``bufferedAmount`` per lane.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCDataChannel
 
 from overlay.errors import TransportError, WireError
 from overlay.protocol import SignalKind
@@ -33,8 +49,9 @@ from overlay.transport.chunks import (
     control_reason,
     iter_chunks,
 )
-from overlay.transport.ice import IceStage, selected_kind
+from overlay.transport.ice import IceStage
 from overlay.transport.serving import INCOMPLETE, serve_request
+from overlay.transport.webrtc_lane import HIGH_WATER, LOW_WATER, Lane
 from overlay.wire import decode_header
 
 if TYPE_CHECKING:
@@ -42,10 +59,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HIGH_WATER = 4 * 1024 * 1024
-"""The sender waits while the channel buffers more than this many bytes..."""
-LOW_WATER = 1024 * 1024
-"""...until it has drained to this (``bufferedAmountLowThreshold``)."""
+__all__ = ["HIGH_WATER", "LOW_WATER", "LinkState", "TERMINAL", "TRANSITIONS", "WebRtcLink"]
+
+PING = control_chunk(ChunkFlag.PING, 0)
 
 
 class LinkState(enum.StrEnum):
@@ -72,7 +88,6 @@ class WebRtcLink:
     def __init__(self, transport: WebRtcTransport, peer_id: str, *, offerer: bool) -> None:
         self.peer_id = peer_id
         self.offerer = offerer
-        self.stage = transport.first_stage if offerer else IceStage.ANY  # answerer: the offer's
         self.state = LinkState.NEW
         self.kind: LinkKind | None = None
         self.connect_s: float | None = None
@@ -80,11 +95,13 @@ class WebRtcLink:
         self._loop = asyncio.get_running_loop()
         self._started = time.monotonic()
         self._opened: asyncio.Future[None] = self._loop.create_future()
-        self._offer: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        self._answer: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        self._low = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[Any] | None = None
+        self._heart: asyncio.Task[None] | None = None
+        self._pcs: dict[int, Lane] = {}  # every peer connection of this link, by number
+        self.lanes: list[Lane] = []  # the adopted ones: what we send on
+        self._next_pc = 0
+        self._offers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()  # answerer: to answer
         # sending
         self._next_tid = 0
         self._slots = asyncio.Semaphore(transport.max_transfers)
@@ -97,27 +114,6 @@ class WebRtcLink:
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._max_started = -1
         self._requests_active = 0
-        self._new_pc(self.stage)
-
-    def _new_pc(self, stage: IceStage) -> None:
-        self.stage = stage
-        self.pc: RTCPeerConnection = RTCPeerConnection(self._transport.configuration_for(stage))
-        self.pc.on("connectionstatechange", self._on_connection_state)
-        channel = self.pc.createDataChannel("peerlearn", negotiated=True, id=0, ordered=True)
-        self.channel: RTCDataChannel = channel
-        channel.bufferedAmountLowThreshold = LOW_WATER
-        channel.on("open", self._on_open)
-        channel.on("close", lambda: self._set_state(LinkState.CLOSED, "channel closed"))
-        channel.on("message", self._on_message)
-        channel.on("bufferedamountlow", self._low.set)
-
-    def _replace_pc(self, stage: IceStage) -> RTCPeerConnection:
-        """A fresh peer connection and channel for ``stage``; returns the old connection."""
-        old = self.pc
-        old.remove_all_listeners()
-        self.channel.remove_all_listeners()
-        self._new_pc(stage)
-        return old
 
     # ---- state -----------------------------------------------------------------------------
     def _set_state(self, new: LinkState, reason: str) -> None:
@@ -131,33 +127,23 @@ class WebRtcLink:
         if new not in TERMINAL:
             return
         error = TransportError(f"{self.peer_id}: link {new} ({reason})")
-        setup: list[asyncio.Future[Any]] = [self._opened, self._offer, self._answer]
-        for fut in [*self._pending.values(), *setup]:
+        waiting: list[asyncio.Future[Any]] = [*self._pending.values(), self._opened]
+        for fut in waiting:
             if not fut.done():
                 fut.set_exception(error)
-        for fut in setup:
-            if not fut.cancelled():  # the runner's timeout cancels the one it awaited
-                fut.exception()  # retrieved: nobody need be waiting for these any more
+        if not self._opened.cancelled():
+            self._opened.exception()  # retrieved: nobody need be waiting for it any more
         for inc in list(self._incoming.values()):
             self._forget(inc)
             self._transport.stats.reject(INCOMPLETE)  # the link ended mid-transfer
-        self._low.set()
-        if self._runner is not None and self._runner is not asyncio.current_task():
-            self._runner.cancel()
+        self._offers.put_nowait({})  # ends _answer_offers
+        current = asyncio.current_task()
+        for task in (self._runner, self._heart):
+            if task is not None and task is not current:
+                task.cancel()
+        pcs = list(self._pcs.values())
         self._closer = self._transport.tasks.spawn_closer(
-            self.pc.close(), f"webrtc-close-{self.peer_id}"
-        )
-
-    def _on_connection_state(self) -> None:
-        state = self.pc.connectionState
-        if state == "failed":
-            self._set_state(LinkState.FAILED, "ICE/DTLS failed")
-        elif state == "closed":
-            self._set_state(LinkState.CLOSED, "peer connection closed")
-
-    def _on_open(self) -> None:
-        if not self._opened.done():
-            self._opened.set_result(None)
+            _close_all(pcs), f"webrtc-close-{self.peer_id}")
 
     @property
     def is_open(self) -> bool:
@@ -167,131 +153,274 @@ class WebRtcLink:
     def is_done(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def channel(self) -> RTCDataChannel:
+        """The first lane's data channel (tests and tools that write raw chunks)."""
+        lane = self.lanes[0] if self.lanes else next(iter(self._pcs.values()), None)
+        if lane is None:
+            raise TransportError(f"{self.peer_id}: no peer connection")
+        return lane.channel
+
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "connect_s": self.connect_s, "state": str(self.state)}
+        return {"kind": self.kind, "connect_s": self.connect_s, "state": str(self.state),
+                "lanes": len(self.lanes)}
+
+    # ---- lanes -----------------------------------------------------------------------------
+    def _new_pc(self, stage: IceStage, number: int | None = None) -> Lane:
+        if number is None:
+            number = self._next_pc
+        self._next_pc = max(self._next_pc, number + 1)
+        lane = Lane(number, stage, self._transport.configuration_for(stage),
+                    on_message=self._on_lane_message, on_ended=self._on_lane_ended)
+        self._pcs[number] = lane
+        return lane
+
+    def _drop_pc(self, lane: Lane, why: str) -> None:
+        """Close a peer connection that is not (or no longer) one of our lanes."""
+        if self._pcs.get(lane.number) is lane:
+            del self._pcs[lane.number]
+        log.debug("link %s: closing pc %d (%s)", self.peer_id, lane.number, why)
+        self._transport.tasks.spawn_closer(lane.close(), f"webrtc-pc-{self.peer_id}")
+
+    def _adopt(self, lane: Lane) -> None:
+        if lane.adopted or lane.ended is not None:
+            return
+        lane.adopted = True
+        self.lanes.append(lane)
+        if self.kind is None:
+            self.kind = lane.kind
+        if self.offerer:
+            lane.send(PING)  # tells the answerer which peer connection we chose
+
+    def _on_lane_ended(self, lane: Lane, reason: str, failed: bool) -> None:
+        if lane.adopted:  # one lane ends: the whole link does (the remote left or restarted)
+            self._set_state(LinkState.FAILED if failed else LinkState.CLOSED,
+                            f"lane {lane.number}: {reason}")
+        elif self._pcs.get(lane.number) is lane:
+            self._drop_pc(lane, reason)
 
     # ---- connecting ------------------------------------------------------------------------
     def start(self) -> None:
         self._set_state(LinkState.CONNECTING, "offering" if self.offerer else "answering")
-        self._runner = self._transport.tasks.spawn(self._run(), f"webrtc-connect-{self.peer_id}")
+        run = self._offer_side() if self.offerer else self._answer_side()
+        self._runner = self._transport.tasks.spawn(self._run(run),
+                                                   f"webrtc-connect-{self.peer_id}")
 
     def give_offer(self, data: dict[str, Any]) -> bool:
-        if self._offer.done():
+        """An offer for peer connection ``data["pc"]``; False if we already had that one."""
+        number = data.get("pc", 0)
+        if not isinstance(number, int) or number in self._pcs or number < 0:
             return False
-        try:
-            stage = IceStage(data.get("stage", IceStage.ANY))
-        except ValueError:
-            stage = self.stage
-        if stage is not self.stage and self.pc.localDescription is None:
-            # nothing gathered yet: just use the offer's configuration
-            old = self._replace_pc(stage)
-            self._transport.tasks.spawn_closer(old.close(), f"webrtc-unused-{self.peer_id}")
-        self._offer.set_result(data)
-        return True
-
-    def give_answer(self, data: dict[str, Any]) -> bool:
-        if self._answer.done() or self.pc.signalingState != "have-local-offer":
-            return False
-        self._answer.set_result(data)
+        self._next_pc = max(self._next_pc, number + 1)
+        self._offers.put_nowait(data)
         return True
 
     @property
-    def has_offer(self) -> bool:
-        return self._offer.done()
+    def fresh(self) -> bool:
+        """Answerer side, connecting, and no offer seen yet (we only said hello)."""
+        return (not self.offerer and self.state is not LinkState.OPEN and not self._pcs
+                and self._offers.empty() and self._next_pc == 0)
+
+    def give_answer(self, data: dict[str, Any]) -> bool:
+        lane = self._pcs.get(data.get("pc", 0))
+        return lane is not None and lane.give_answer(data)
 
     async def _signal(self, kind: SignalKind, data: dict[str, Any]) -> None:
         await self._transport.send_signal(self.peer_id, kind, data)
 
-    def _description(self) -> dict[str, Any]:
-        desc = self.pc.localDescription
-        return {"sdp": desc.sdp, "type": desc.type, "stage": str(self.stage)}
+    async def _attempt(self, stage: IceStage) -> Lane:
+        """Offer one peer connection and wait until it is open."""
+        lane = self._new_pc(stage)
+        try:
+            await self._signal(SignalKind.OFFER, await lane.make_offer())
+            await lane.take_answer()
+        except BaseException:
+            if not lane.adopted:
+                self._drop_pc(lane, "attempt failed")
+            raise
+        return lane
 
-    async def _offer_and_open(self) -> None:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        await self._signal(SignalKind.OFFER, self._description())
-        answer = await self._answer
-        await self.pc.setRemoteDescription(
-            RTCSessionDescription(sdp=answer["sdp"], type=answer["type"])
-        )
+    async def _offer_side(self) -> None:
+        t = self._transport
+        if t.first_stage is not IceStage.DIRECT:
+            winner = await self._attempt(IceStage.ANY)
+        else:
+            winner = await self._race(0.0 if self.peer_id in t.relayed_before
+                                      else t.relay_head_start)
+        self._adopt(winner)
+        if winner.kind is LinkKind.WEBRTC_RELAY:
+            t.relayed_before.add(self.peer_id)
+        else:
+            t.relayed_before.discard(self.peer_id)
+
+    async def _race(self, head_start: float) -> Lane:
+        """The direct attempt, and after ``head_start`` s the relayed one beside it: the first
+        open wins (the direct one if both are), the other is closed."""
+        attempts = [asyncio.ensure_future(self._attempt(IceStage.DIRECT))]
+        winner: Lane | None = None
+        try:
+            done, _ = await asyncio.wait(attempts, timeout=head_start)
+            if not done or attempts[0].exception() is not None:
+                log.info("link %s: no direct path within %.1f s, racing the relay",
+                         self.peer_id, head_start)
+                attempts.append(asyncio.ensure_future(self._attempt(IceStage.ANY)))
+            pending = set(attempts)
+            while pending and winner is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                winner = next((f.result() for f in attempts
+                               if f in done and f.exception() is None), None)
+            if winner is None:
+                raise attempts[-1].exception() or TransportError("no attempt opened")
+            return winner
+        finally:
+            for fut in attempts:
+                if not fut.done():
+                    fut.cancel()
+            await asyncio.gather(*attempts, return_exceptions=True)
+            for fut in attempts:
+                if not fut.cancelled() and fut.exception() is None and fut.result() is not winner:
+                    self._drop_pc(fut.result(), "lost the race")
+
+    async def _answer_side(self) -> None:
+        if self._offers.empty():
+            await self._signal(SignalKind.HELLO, {})
+        self._transport.tasks.spawn(self._answer_offers(), f"webrtc-answer-{self.peer_id}")
         await asyncio.shield(self._opened)
 
-    async def _answer_and_open(self) -> None:
-        if not self._offer.done():
-            await self._signal(SignalKind.HELLO, {})
-        offer = await self._offer
-        await self.pc.setRemoteDescription(
-            RTCSessionDescription(sdp=offer["sdp"], type=offer["type"])
-        )
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
-        await self._signal(SignalKind.ANSWER, self._description())
+    async def _answer_offers(self) -> None:
+        """Answer every peer connection the offerer proposes, for the life of the link."""
+        while not self.is_done:
+            offer = await self._offers.get()
+            if not offer:  # the link ended
+                return
+            try:
+                stage = IceStage(offer.get("stage", IceStage.ANY))
+            except ValueError:
+                stage = IceStage.ANY
+            lane = self._new_pc(stage, offer.get("pc", 0))
+            try:
+                await self._signal(SignalKind.ANSWER, await lane.make_answer(offer))
+            except TransportError:
+                return
+            except Exception as exc:  # a bad SDP
+                log.warning("link %s: could not answer pc %d: %s", self.peer_id, lane.number,
+                            exc)
+                self._drop_pc(lane, "bad offer")
+                if not self.lanes:
+                    self._set_state(LinkState.FAILED, f"{type(exc).__name__}: {exc}")
+                    return
+                continue
+            self._transport.tasks.spawn(self._watch_answered(lane),
+                                        f"webrtc-pc-{self.peer_id}")
 
-    async def _run(self) -> None:
+    async def _watch_answered(self, lane: Lane) -> None:
+        try:
+            async with asyncio.timeout(self._transport.connect_timeout):
+                await asyncio.shield(lane.opened)
+        except (TimeoutError, TransportError):
+            if not lane.adopted:
+                self._drop_pc(lane, "did not open")
+            return
+        lane.note_open()
+
+    async def _run(self, side: Any) -> None:
         t = self._transport
         try:
             async with asyncio.timeout(t.connect_timeout):
-                if self.offerer and self.stage is IceStage.DIRECT:
-                    try:
-                        async with asyncio.timeout(t.direct_timeout):
-                            await self._offer_and_open()
-                    except TimeoutError:
-                        log.info("link %s: no direct path within %.1f s, trying the relay too",
-                                 self.peer_id, t.direct_timeout)
-                        await self._replace_pc(IceStage.ANY).close()  # start over
-                        self._answer = self._loop.create_future()
-                if self.offerer and not self._opened.done():
-                    await self._offer_and_open()
-                elif not self.offerer:
-                    await self._answer_and_open()
-                await self._opened
+                await side
         except TimeoutError:
             self._set_state(LinkState.FAILED, f"not open within {t.connect_timeout:.1f} s")
             return
         except TransportError:
-            return  # the link ended meanwhile; _set_state said why
+            if not self.is_done:
+                self._set_state(LinkState.FAILED, "no peer connection opened")
+            return  # otherwise the link ended meanwhile; _set_state said why
         except Exception as exc:  # a bad SDP, a failing send_signal...
             self._set_state(LinkState.FAILED, f"{type(exc).__name__}: {exc}")
             return
+        self._opened_now()
+        if self.offerer and t.lanes > 1:
+            await self._grow(t.lanes - 1)
+
+    def _opened_now(self) -> None:
+        if self.state is not LinkState.CONNECTING:
+            return
         self.connect_s = time.monotonic() - self._started
-        self.kind = selected_kind(self.pc)
+        if not self._opened.done():
+            self._opened.set_result(None)
         self._set_state(LinkState.OPEN, f"{self.kind} in {self.connect_s:.2f} s")
+        self._heart = self._transport.tasks.spawn(self._heartbeat(),
+                                                  f"webrtc-heartbeat-{self.peer_id}")
+
+    async def _grow(self, extra: int) -> None:
+        """More lanes of the first one's kind; a lane that does not open is given up."""
+        stage = IceStage.ANY if self.kind is LinkKind.WEBRTC_RELAY else IceStage.DIRECT
+        if self._transport.first_stage is IceStage.ANY:
+            stage = IceStage.ANY
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(self._attempt_within(stage) for _ in range(extra)),
+                                       return_exceptions=True)
+        for lane in results:
+            if isinstance(lane, Lane) and self.is_open:
+                self._adopt(lane)
+        log.info("link %s: %d lanes (%.2f s for %d more)", self.peer_id, len(self.lanes),
+                 time.monotonic() - t0, extra)
+
+    async def _attempt_within(self, stage: IceStage) -> Lane:
+        async with asyncio.timeout(self._transport.connect_timeout):
+            return await self._attempt(stage)
 
     async def wait_open(self) -> None:
         await asyncio.shield(self._opened)
-        # _opened resolves on the channel's open event; _run sets OPEN right after
-        while self.state is LinkState.CONNECTING and self._runner is not None:
-            await asyncio.shield(self._runner)
         if self.state is not LinkState.OPEN:
             raise TransportError(f"{self.peer_id}: link {self.state}")
 
     async def aclose(self, reason: str = "closed") -> None:
         self._set_state(LinkState.CLOSED, reason)
-        if self._runner is not None:
-            await asyncio.gather(self._runner, return_exceptions=True)
-        if self._closer is not None:
-            await asyncio.gather(self._closer, return_exceptions=True)
+        tasks = [t for t in (self._runner, self._heart, self._closer) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- heartbeat -------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        t = self._transport
+        while self.is_open:
+            await asyncio.sleep(t.heartbeat_interval)
+            now = time.monotonic()
+            for lane in list(self.lanes):
+                silent = lane.silence(now)
+                if silent >= t.dead_after:
+                    self._set_state(LinkState.FAILED,
+                                    f"no heartbeat on lane {lane.number} for {silent:.1f} s")
+                    return
+                if lane.is_open and lane.load < LOW_WATER:
+                    lane.send(PING)
 
     # ---- sending ---------------------------------------------------------------------------
-    def _send_raw(self, message: bytes) -> None:
-        if self.state is not LinkState.OPEN or self.channel.readyState != "open":
+    def _pick_lane(self) -> Lane:
+        lanes = [lane for lane in self.lanes if lane.is_open]
+        if self.state is not LinkState.OPEN or not lanes:
             raise TransportError(f"{self.peer_id}: link {self.state}")
-        self.channel.send(message)
+        return min(lanes, key=lambda lane: lane.load)
 
     async def _drain(self) -> None:
-        while self.channel.bufferedAmount > HIGH_WATER:
-            if self.state is not LinkState.OPEN:
-                raise TransportError(f"{self.peer_id}: link {self.state}")
-            self._low.clear()
-            await self._low.wait()
+        await self._pick_lane().drain()
 
     def _alloc_tid(self) -> int:
         tid = self._next_tid
         self._next_tid = (self._next_tid + 1) & 0xFFFFFFFF
         return tid
 
-    async def send_message(self, frames: Frames, *, reply: bool, tid: int | None = None) -> None:
-        """Send one transfer, paced. Raises TransportError."""
+    async def send_message(self, frames: Frames, *, reply: bool, tid: int | None = None,
+                           lane: Lane | None = None) -> None:
+        """Send one transfer on ``lane`` (default: the least loaded), paced. Raises
+        TransportError."""
         if tid is None:
             tid = self._alloc_tid()
+        if lane is None or not lane.is_open:
+            lane = self._pick_lane()
+        total = sum(memoryview(f).nbytes for f in frames)
+        lane.assigned += total
+        queued = 0
         sent = 0
         done = False
         self._sending.add(tid)
@@ -299,19 +428,25 @@ class WebRtcLink:
             for message in iter_chunks(tid, frames, ChunkFlag.REPLY if reply else 0):
                 if tid in self._refused:
                     raise TransportError(f"{self.peer_id}: refused ({self._refused[tid]})")
-                await self._drain()
-                self._send_raw(message)
+                if self.state is not LinkState.OPEN:
+                    raise TransportError(f"{self.peer_id}: link {self.state}")
+                await lane.drain()
+                lane.send(message)
                 sent += len(message)
+                step = min(len(message) - CHUNK_HEADER.size, total - queued)
+                queued += step
+                lane.assigned -= step
             done = True
         finally:
+            lane.assigned -= total - queued
             self._sending.discard(tid)
             self._refused.pop(tid, None)
             stats = self._transport.stats
             stats.bytes_out += sent
             if done:
                 stats.messages_out += 1
-            elif sent and self.is_open:
-                self.channel.send(control_chunk(ChunkFlag.ABORT, tid))
+            elif sent and lane.is_open:
+                lane.send(control_chunk(ChunkFlag.ABORT, tid))
 
     async def request(self, frames: Frames, request_id: str) -> Reply:
         """Send a request and wait for the reply carrying ``request_id`` (no timeout here)."""
@@ -332,17 +467,35 @@ class WebRtcLink:
                     fut.exception()  # the link ended while we were still sending
 
     # ---- receiving -------------------------------------------------------------------------
-    def _on_message(self, message: bytes | str) -> None:
+    def _on_lane_message(self, lane: Lane, message: bytes | str) -> None:
+        if lane.ended is not None:
+            return
+        lane.heard(time.monotonic())
+        if not lane.adopted and not self.offerer and not self.is_done:
+            lane.note_open()
+            self._adopt(lane)  # the offerer chose this peer connection
+            self._opened_now()
+        self._on_message(message, lane)
+
+    def _on_message(self, message: bytes | str, lane: Lane | None = None) -> None:
         if self.is_done:
             return
         try:
             if not isinstance(message, bytes):
                 raise ChunkError("bad_chunk", "text message on the data channel")
-            self._on_chunk(message)
+            self._on_chunk(message, lane)
         except ChunkError as exc:
-            self._reject(None, exc.reason, str(exc))
+            self._reject(None, exc.reason, str(exc), lane)
 
-    def _reject(self, tid: int | None, reason: str, message: str) -> None:
+    def _control(self, lane: Lane | None, message: bytes) -> None:
+        """Send a control chunk back on ``lane`` (or any open lane) if we can."""
+        target = lane if lane is not None and lane.is_open else next(
+            (x for x in self.lanes if x.is_open), None)
+        if target is not None and self.is_open:
+            target.send(message)
+
+    def _reject(self, tid: int | None, reason: str, message: str,
+                lane: Lane | None = None) -> None:
         """Count and log a refused chunk or transfer; free the transfer and tell the sender."""
         self._transport.stats.reject(reason)
         if not message.startswith(f"{reason}: "):  # the log line names the counted reason
@@ -354,8 +507,7 @@ class WebRtcLink:
         inc = self._incoming.get(tid)
         if inc is not None:
             self._forget(inc)
-        if self.is_open:
-            self.channel.send(control_chunk(ChunkFlag.REJECT, tid, reason))
+        self._control(lane, control_chunk(ChunkFlag.REJECT, tid, reason))
 
     def _forget(self, inc: Assembly) -> None:
         """Drop a transfer that is being reassembled and free its memory."""
@@ -377,9 +529,11 @@ class WebRtcLink:
         if fut is not None and not fut.done():
             fut.set_exception(TransportError(f"{self.peer_id}: refused ({reason})"))
 
-    def _on_chunk(self, message: bytes) -> None:
+    def _on_chunk(self, message: bytes, lane: Lane | None) -> None:
         head = ChunkHeader.unpack(message)
         tid = head.transfer_id
+        if head.flags == ChunkFlag.PING:
+            return
         if head.flags == ChunkFlag.REJECT:
             self._on_refusal(tid, message)
             return
@@ -394,18 +548,18 @@ class WebRtcLink:
             if head.index != 0 and tid <= self._max_started:
                 log.debug("link %s: dropping a chunk of ended transfer %d", self.peer_id, tid)
                 return
-            inc = self._begin(head)
+            inc = self._begin(head, lane)
             if inc is None:
                 return
         try:
             done = inc.add(head, memoryview(message)[CHUNK_HEADER.size :], time.monotonic())
         except ChunkError as exc:
-            self._reject(tid, exc.reason, str(exc))
+            self._reject(tid, exc.reason, str(exc), lane)
             return
         if done:
-            self._complete(inc)
+            self._complete(inc, lane)
 
-    def _begin(self, head: ChunkHeader) -> Assembly | None:
+    def _begin(self, head: ChunkHeader, lane: Lane | None) -> Assembly | None:
         """The assembly of a new transfer, or None if its first chunk is refused (counted,
         logged and reported to the sender); ChunkError for a transfer that starts midway."""
         tid = head.transfer_id
@@ -421,7 +575,7 @@ class WebRtcLink:
                 raise ChunkError("too_many_transfers",
                                  f"{self._requests_active} requests in progress")
         except ChunkError as exc:
-            self._reject(tid, exc.reason, str(exc))  # not registered yet: counts and notifies
+            self._reject(tid, exc.reason, str(exc), lane)  # not registered yet
             return None
         inc = Assembly.allocate(head, time.monotonic())
         self._incoming[tid] = inc
@@ -432,7 +586,7 @@ class WebRtcLink:
 
     def _arm(self, inc: Assembly) -> None:
         t = self._transport
-        deadline = inc.deadline(t.transfer_timeout, t.chunk_idle_timeout)
+        deadline = inc.deadline(t.chunk_idle_timeout, t.min_rate)
         self._timers[inc.transfer_id] = self._loop.call_at(
             self._loop.time() + max(0.0, deadline - time.monotonic()), self._expire, inc
         )
@@ -441,20 +595,20 @@ class WebRtcLink:
         if self._incoming.get(inc.transfer_id) is not inc:
             return
         t = self._transport
-        problem = inc.overdue(time.monotonic(), t.transfer_timeout, t.chunk_idle_timeout)
+        problem = inc.overdue(time.monotonic(), t.chunk_idle_timeout, t.min_rate)
         if problem is None:
             self._arm(inc)
         else:
             self._reject(inc.transfer_id, problem.reason, str(problem))
 
-    def _complete(self, inc: Assembly) -> None:
+    def _complete(self, inc: Assembly, lane: Lane | None) -> None:
         timer = self._timers.pop(inc.transfer_id, None)
         if timer is not None:
             timer.cancel()
         try:
             frames = inc.frames()
         except ChunkError as exc:
-            self._reject(inc.transfer_id, exc.reason, str(exc))
+            self._reject(inc.transfer_id, exc.reason, str(exc), lane)
             return
         # A request keeps its slot (_requests_active) until it has been handled.
         self._incoming.pop(inc.transfer_id, None)
@@ -464,7 +618,8 @@ class WebRtcLink:
         if inc.reply:
             self._deliver_reply(frames)
         else:
-            self._transport.tasks.spawn(self._serve(frames), f"webrtc-serve-{self.peer_id}")
+            self._transport.tasks.spawn(self._serve(frames, lane),
+                                        f"webrtc-serve-{self.peer_id}")
 
     def _deliver_reply(self, frames: list[memoryview]) -> None:
         try:
@@ -480,7 +635,7 @@ class WebRtcLink:
             return
         fut.set_result((header, frames[1:]))
 
-    async def _serve(self, frames: list[memoryview]) -> None:
+    async def _serve(self, frames: list[memoryview], lane: Lane | None) -> None:
         t = self._transport
         try:
             reply = await serve_request(frames[0], frames[1:], self.peer_id, handler=t.handler,
@@ -491,6 +646,16 @@ class WebRtcLink:
         if reply is None:
             return
         try:
-            await self.send_message(reply, reply=True)
+            await self.send_message(reply, reply=True, lane=lane)
         except TransportError as exc:
             log.info("link %s: could not reply: %s", self.peer_id, exc)
+
+    def incoming_progress(self) -> float | None:
+        """When a chunk of an incoming request last arrived (monotonic), None if none is
+        being received."""
+        times = [inc.last for inc in self._incoming.values() if not inc.reply]
+        return max(times) if times else None
+
+
+async def _close_all(lanes: list[Lane]) -> None:
+    await asyncio.gather(*(lane.close() for lane in lanes), return_exceptions=True)
