@@ -16,6 +16,7 @@ members we know: no key conversion runs backwards).
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import secrets
@@ -31,16 +32,25 @@ from overlay.events import Joined, LinkUp, MemberEvent
 from overlay.identity import Identity, curve_public_key_from_ed25519
 from overlay.membership import JobPolicy, Member
 from overlay.models import EncodedModel, OutgoingModel, ReceivedModel
+from overlay.pieces import (
+    PIECE_BYTES,
+    PIECE_BYTES_ZMQ,
+    WINDOW,
+    PieceStore,
+    piece_bytes_of,
+    piece_plan,
+)
 from overlay.protocol import SignalKind
 from overlay.rendezvous_client import RendezvousClient
 from overlay.signaling import SignalGuard, seal
-from overlay.transport.base import Frames
+from overlay.transport.base import Frames, LinkKind
 from overlay.transport.webrtc import WebRtcTransport
 from overlay.transport.zeromq import ZmqTransport
 from overlay.wire import (
     FrameType,
     Limits,
     ModelMessage,
+    decode_header,
     decode_model,
     encode_control,
     model_parts,
@@ -67,7 +77,11 @@ class HostConfig:
     advertise: str | None = None
     """Address to announce if it differs from the bound one (e.g. behind port forwarding)."""
     send_timeout: float = 120.0
-    """Bound on delivering one model to one peer, link set-up and acknowledgement included."""
+    """Bound on one request of a model delivery (a small model whole, or one piece of a large
+    one), link set-up and acknowledgement included."""
+    stall_timeout: float = 30.0
+    """A model delivery in pieces (overlay.pieces) fails once no piece was acknowledged for
+    this long; while pieces keep arriving it is never cut, however slow the link."""
     fetch_timeout: float = 60.0
     """Bound on fetching one model from one peer (bootstrap)."""
     connect_timeout: float = 20.0
@@ -146,6 +160,11 @@ class Host(Generic[T]):
         self.state = HostState.NEW
         self._signal_guard = SignalGuard(identity.peer_id, config.job, self.public_key_of)
         """Opens the sealed signals addressed to us (overlay.signaling)."""
+        self.pieces = PieceStore(config.limits)
+        """Models being received in pieces, by sender (overlay.pieces)."""
+        self._completed: dict[tuple[str, bytes], bytes] = {}
+        """The answer to the piece that completed a model, by (sender, digest): resent to a
+        sender that did not get it (its link broke) instead of opening the model again."""
 
     def _set_state(self, new: HostState) -> None:
         old = self.state
@@ -333,14 +352,12 @@ class Host(Generic[T]):
         if kind == FrameType.MODEL.value:
             if origin is None:
                 raise WireError("unknown_sender", "model from a peer outside our job")
-            received, accepted = await asyncio.to_thread(self._receive, header, payloads,
-                                                         origin)
-            await self.inbox.put(accepted)
-            self.changed.set()
-            log.info("received model epoch %d from %s (%d samples, %.1f MB)",
-                     received.epoch, received.sender, received.samples, received.nbytes / 1e6)
-            return [encode_control(FrameType.ACK, request_id=request_id,
-                                   digest=received.digest)]
+            digest = await self._take_model(header, payloads, origin)
+            return [encode_control(FrameType.ACK, request_id=request_id, digest=digest)]
+        if kind == FrameType.PIECE.value:
+            if origin is None:
+                raise WireError("unknown_sender", "piece from a peer outside our job")
+            return [await self._take_piece(header, payloads, origin)]
         if kind == FrameType.GET_MODEL.value:
             if origin is None:  # the header's "sender" is not proof of anything
                 raise WireError("unknown_sender", "get_model from a peer outside our job")
@@ -350,6 +367,57 @@ class Host(Generic[T]):
                                        message="no model yet")]
             return [pack_header(current.header, request_id=str(request_id)), *current.payloads]
         raise WireError("unexpected", f"{kind} is not a request")
+
+    async def _take_model(self, header: dict[str, Any], payloads: list[memoryview],
+                          origin: str) -> bytes:
+        """Check and accept a whole model from ``origin``, put it in the inbox; its digest."""
+        received, accepted = await asyncio.to_thread(self._receive, header, payloads, origin)
+        await self.inbox.put(accepted)
+        self.changed.set()
+        log.info("received model epoch %d from %s (%d samples, %.1f MB)",
+                 received.epoch, received.sender, received.samples, received.nbytes / 1e6)
+        return received.digest
+
+    async def _take_piece(self, header: dict[str, Any], payloads: list[memoryview],
+                          origin: str) -> bytes:
+        """One piece of a model (overlay.pieces): ``ack {have}``, or the model's own answer
+        once the piece completed it."""
+        request_id = header.get("request_id")
+        if len(payloads) != 1:
+            raise WireError("bad_piece", f"a piece carries one payload, not {len(payloads)}")
+        done = self._completed.get((origin, header.get("model")))  # type: ignore[arg-type]
+        if done is not None:
+            return done
+        partial = self.pieces.add(origin, header, payloads[0])
+        if not partial.complete:
+            return encode_control(FrameType.ACK, request_id=request_id, have=partial.have)
+        frames = partial.frames()
+        model_header = decode_header(frames[0], self.config.limits)
+        if model_header.get("type") != FrameType.MODEL.value:
+            raise WireError("bad_piece", "the pieces do not make a model")
+        if model_header.get("digest") != partial.digest:
+            raise WireError("bad_piece", "the model's digest is not the one its pieces named")
+        try:
+            digest = await self._take_model(model_header, frames[1:], origin)
+        except WireError as exc:
+            answer = encode_control(FrameType.NACK, request_id=request_id, reason=exc.reason,
+                                    message=str(exc)[:200])
+            self._remember_answer(origin, partial.digest, answer)
+            raise
+        answer = encode_control(FrameType.ACK, request_id=request_id, digest=digest,
+                                have=partial.total)
+        self._remember_answer(origin, partial.digest, answer)
+        return answer
+
+    def _remember_answer(self, origin: str, digest: bytes, answer: bytes) -> None:
+        self._completed[(origin, digest)] = answer
+        while len(self._completed) > 64:
+            del self._completed[next(iter(self._completed))]
+
+    def receiving_from(self, peer_id: str) -> float | None:
+        """When a piece of a model from ``peer_id`` last arrived (monotonic) while that model
+        is still incomplete; None if nothing from it is in progress."""
+        return self.pieces.last_progress(peer_id)
 
     def _receive(self, header: dict[str, Any], payloads: list[memoryview],
                  origin: str) -> tuple[ReceivedModel, T]:
@@ -403,17 +471,92 @@ class Host(Generic[T]):
             raise TransportError("host not started")
         return await self.connections.request(peer_id, frames, request_id, timeout=timeout)
 
+    def _piece_bytes(self, peer_id: str) -> int:
+        link = self.links.get(peer_id)
+        return PIECE_BYTES_ZMQ if link is not None and link.kind is LinkKind.ZMQ else PIECE_BYTES
+
     async def send_model(self, peer_id: str, model: EncodedModel) -> None:
         """Deliver ``model`` to ``peer_id``; returns once it acknowledged. Raises
-        TransportError (also for a refusal)."""
+        TransportError (also for a refusal).
+
+        A model larger than one piece goes in pieces (overlay.pieces): a piece whose request
+        fails is sent again once the link is back, acknowledged ones never; the delivery fails
+        only when no piece was acknowledged for ``stall_timeout``.
+        """
         started = time.monotonic()
-        request_id = secrets.token_hex(8)
-        frames: Frames = [pack_header(model.header, request_id=request_id), *model.payloads]
-        header, _ = await self._request(peer_id, frames, request_id, self.config.send_timeout)
-        if header["type"] != FrameType.ACK.value:
-            raise TransportError(f"{peer_id} refused our model: {header.get('reason')}"
-                                 f" {header.get('message', '')}")
+        if model.nbytes > self._piece_bytes(peer_id):
+            await self._send_pieces(peer_id, model)
+        else:
+            request_id = secrets.token_hex(8)
+            frames: Frames = [pack_header(model.header, request_id=request_id),
+                              *model.payloads]
+            header, _ = await self._request(peer_id, frames, request_id,
+                                            self.config.send_timeout)
+            _check_ack(peer_id, header)
         log.debug("delivered to %s in %.2f s", peer_id, time.monotonic() - started)
+
+    async def _send_pieces(self, peer_id: str, model: EncodedModel) -> None:
+        frames = [memoryview(pack_header(model.header)), *model.payloads]
+        lengths = [f.nbytes for f in frames]
+        todo = collections.deque(piece_plan(sum(lengths), self._piece_bytes(peer_id)))
+        base = {"job": self.config.job, "sender": self.peer_id, "model": model.digest,
+                "frames": lengths}
+        progress = [time.monotonic(), 0]  # last acknowledged, bytes acknowledged
+        finished = asyncio.Event()
+        retries = 0
+
+        async def worker() -> None:
+            nonlocal retries
+            while todo and not finished.is_set():
+                offset, length = todo.popleft()
+                request_id = secrets.token_hex(8)
+                head = encode_control(FrameType.PIECE, request_id=request_id, offset=offset,
+                                      **base)
+                try:
+                    header, _ = await self._request(
+                        peer_id, [head, piece_bytes_of(frames, offset, length)], request_id,
+                        self.config.send_timeout)
+                except TransportError as exc:
+                    todo.appendleft((offset, length))  # again, once the link is back
+                    retries += 1
+                    log.info("piece at %d to %s failed (%s); sending it again", offset,
+                             peer_id, exc)
+                    await asyncio.sleep(min(0.2 * retries, 2.0))
+                    continue
+                _check_ack(peer_id, header)
+                progress[0] = time.monotonic()
+                progress[1] += length
+                if "digest" in header:
+                    finished.set()
+
+        workers = [asyncio.create_task(worker(), name=f"piece-{peer_id[:8]}")
+                   for _ in range(WINDOW)]
+        done_waiter = asyncio.create_task(finished.wait())
+        try:
+            while not finished.is_set():
+                alive = [w for w in workers if not w.done()]
+                for w in workers:
+                    if w.done() and not w.cancelled() and w.exception() is not None:
+                        raise w.exception()  # type: ignore[misc]
+                if not alive:
+                    raise TransportError(f"{peer_id}: every piece was sent but the model "
+                                         "was not confirmed")
+                wait = progress[0] + self.config.stall_timeout - time.monotonic()
+                if wait <= 0:
+                    raise TransportError(
+                        f"{peer_id}: delivery stalled, no piece acknowledged for "
+                        f"{self.config.stall_timeout:.0f} s ({progress[1]}/{sum(lengths)} "
+                        "bytes)")
+                await asyncio.wait([*alive, done_waiter], timeout=min(wait, 1.0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            tasks: list[asyncio.Task[Any]] = [*workers, done_waiter]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*workers, done_waiter, return_exceptions=True)
+        if retries:
+            log.info("delivered to %s after %d piece retries (resumed, not restarted)",
+                     peer_id, retries)
 
     async def fetch_model(self, peer_id: str) -> T:
         """Ask ``peer_id`` for its current model (newcomer bootstrap); what ``accept`` made
@@ -456,3 +599,9 @@ class Host(Generic[T]):
         if self.webrtc is not None:
             counts[self.webrtc.name] = dict(self.webrtc.stats.rejected)
         return counts
+
+
+def _check_ack(peer_id: str, header: dict[str, Any]) -> None:
+    if header["type"] != FrameType.ACK.value:
+        raise TransportError(f"{peer_id} refused our model: {header.get('reason')}"
+                             f" {header.get('message', '')}")

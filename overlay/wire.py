@@ -55,6 +55,7 @@ class FrameType(enum.StrEnum):
     PROBE_REPLY = "probe_reply"
     PING = "ping"
     PONG = "pong"
+    PIECE = "piece"
 
 
 @dataclass(frozen=True)
