@@ -1,7 +1,8 @@
 """The WebSocket session of the rendezvous (``/ws``), see ``overlay.protocol``.
 
 challenge -> join (signed nonce) -> ``rendezvous.admission`` (policy, dial-back of the offered
-ZeroMQ addresses) -> welcome; then heartbeat / report / links / leave from the peer, pushed
+ZeroMQ addresses) -> welcome; then heartbeat / report / links / refresh_ice (answered with
+fresh TURN credentials in ``ice_servers``) / leave from the peer, pushed
 ``joined`` / ``left`` to it, and ``signal`` relayed between members of one job. Membership
 itself lives in ``rendezvous.registry``: this module moves bytes and publishes the registry's
 events. The session's stage is its ``Connection``'s (``rendezvous.connection.Stage``).
@@ -43,7 +44,7 @@ from rendezvous.connection import Connection
 from rendezvous.ratelimit import KeyedRateLimiter, TokenBucket
 from rendezvous.registry import Event, Member, Registry
 from rendezvous.stun import StunServer
-from rendezvous.turn import turn_ice_server
+from rendezvous.turn import make_credentials
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ NONCE_SIZE = 32
 CLOSE_REPLACED = 4000  # another session joined with the same key
 CLOSE_EXPIRED = 4001  # no message within the TTL
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+ICE_REFRESH_BURST = 3.0
+"""``refresh_ice`` a session may send at once (a lost answer, a retry)."""
+ICE_REFRESHES_PER_TTL = 8.0
+"""Beyond the burst, a session may ask ``refresh_ice`` this many times per ``turn_ttl`` (at
+most once a second); a peer renews once per 80 % of it."""
 # Errors that say nothing bad about the sender: they do not count towards max_errors.
 _BENIGN_ERRORS = (ErrorCode.UNKNOWN_PEER, ErrorCode.RATE_LIMITED)
 
@@ -252,15 +258,31 @@ class SessionHandling:
 
     def ice_servers_for(self, peer_id: str, host: str) -> list[dict[str, Any]]:
         """Our STUN (at ``host``, as the peer reaches us), TURN with fresh credentials, extras."""
+        return self.ice_offer(peer_id, host)[0]
+
+    def ice_offer(self, peer_id: str, host: str) -> tuple[list[dict[str, Any]], float | None]:
+        """``ice_servers_for`` and the seconds until its TURN credentials expire (None: no
+        TURN of ours, nothing expires): the fields ``ice_servers`` / ``ice_ttl``."""
         servers: list[dict[str, Any]] = []
+        ice_ttl: float | None = None
         if self.stun is not None:
             servers.append({"urls": [f"stun:{url_host(host)}:{self.stun.port}"]})
         if self.config.turn_urls and self.config.turn_secret:
-            servers.append(turn_ice_server(
-                self.config.turn_urls, self.config.turn_secret, peer_id, self.config.turn_ttl
-            ))
+            now = time.time()
+            creds = make_credentials(self.config.turn_secret, peer_id, self.config.turn_ttl, now)
+            servers.append(creds.ice_server(self.config.turn_urls))
+            ice_ttl = round(max(creds.expires - now, 0.0), 3)
         servers.extend(self.config.ice_servers)
-        return servers
+        return servers, ice_ttl
+
+    def _ice_fields(self, peer_id: str, host: str) -> dict[str, Any]:
+        servers, ice_ttl = self.ice_offer(peer_id, host)
+        return {"ice_servers": servers, **({} if ice_ttl is None else {"ice_ttl": ice_ttl})}
+
+    def _ice_refresh_bucket(self) -> TokenBucket:
+        """The per-session limit on ``refresh_ice`` (``ICE_REFRESHES_PER_TTL``)."""
+        rate = 1.0 / max(self.config.turn_ttl / ICE_REFRESHES_PER_TTL, 1.0)
+        return TokenBucket(rate, ICE_REFRESH_BURST)
 
     def _welcome(self, member: Member, conn: Connection) -> bytes:
         others = self.registry.members(member.job, exclude=member.peer_id)
@@ -272,7 +294,7 @@ class SessionHandling:
             reachable_addrs=list(member.addrs),
             ttl=self.config.ttl,
             heartbeat_interval=self.config.heartbeat_interval,
-            ice_servers=self.ice_servers_for(member.peer_id, conn.host),
+            **self._ice_fields(member.peer_id, conn.host),
         )
 
     # -- a joined session ------------------------------------------------------------------
@@ -280,6 +302,7 @@ class SessionHandling:
     async def _session_loop(self, conn: Connection) -> None:
         errors = 0
         messages = TokenBucket(self.config.message_rate, self.config.message_burst)
+        ice_refreshes = self._ice_refresh_bucket()
         while not conn.closing:
             data = await _receive(conn.ws)
             if data is None:
@@ -287,7 +310,7 @@ class SessionHandling:
             try:
                 if not messages.take(time.monotonic()):
                     raise _Flooding(self.config.message_rate)
-                if self._handle_message(conn, data):
+                if self._handle_message(conn, data, ice_refreshes):
                     return
             except ProtocolError as exc:
                 if exc.code not in _BENIGN_ERRORS or isinstance(exc, _Flooding):
@@ -298,8 +321,11 @@ class SessionHandling:
                     conn.close_soon(WSCloseCode.POLICY_VIOLATION, b"too many errors")
                     return
 
-    def _handle_message(self, conn: Connection, data: bytes | str) -> bool:
-        """Apply one message of a joined session; True when the session is over."""
+    def _handle_message(
+        self, conn: Connection, data: bytes | str, ice_refreshes: TokenBucket | None = None
+    ) -> bool:
+        """Apply one message of a joined session; True when the session is over.
+        ``ice_refreshes``: the session's limit on ``refresh_ice`` (None: unlimited)."""
         assert conn.peer_id is not None
         msg_type, fields = decode(data, max_bytes=self.config.max_message_bytes)
         now = time.monotonic()
@@ -315,6 +341,14 @@ class SessionHandling:
             owned = self.registry.touch(conn.peer_id, conn.session, now)
             if owned:
                 self._relay_signal(conn, len(data), fields, now)
+        elif msg_type is MsgType.REFRESH_ICE:
+            owned = self.registry.touch(conn.peer_id, conn.session, now)
+            if owned:
+                if ice_refreshes is not None and not ice_refreshes.take(now):
+                    raise ProtocolError(ErrorCode.RATE_LIMITED, "refresh_ice more often than "
+                                        f"{ICE_REFRESHES_PER_TTL:g} times per turn_ttl")
+                conn.send(encode(MsgType.ICE_SERVERS, **self._ice_fields(conn.peer_id, conn.host)))
+                log.debug("session %d (%s): fresh ICE servers", conn.session, conn.peer_id)
         elif msg_type is MsgType.LEAVE:
             self._publish(self.registry.leave(conn.peer_id, conn.session))
             if self._sessions.get(conn.peer_id) is conn:

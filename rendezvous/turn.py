@@ -26,6 +26,10 @@ class TurnCredentials:
     expires: int
     """Unix time after which coturn refuses them."""
 
+    def ice_server(self, urls: list[str]) -> dict[str, Any]:
+        """One RTCIceServer-shaped map: {urls, username, credential}."""
+        return {"urls": list(urls), "username": self.username, "credential": self.credential}
+
 
 def turn_password(secret: str, username: str) -> str:
     digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
@@ -61,5 +65,4 @@ def turn_ice_server(
     urls: list[str], secret: str, user: str, ttl: float, now: float | None = None
 ) -> dict[str, Any]:
     """One RTCIceServer-shaped map: {urls, username, credential}."""
-    creds = make_credentials(secret, user, ttl, now)
-    return {"urls": list(urls), "username": creds.username, "credential": creds.credential}
+    return make_credentials(secret, user, ttl, now).ice_server(urls)
