@@ -7,8 +7,11 @@ of them and turns it into an :class:`Incoming`, the model plus its torch state, 
 here, in the learner's own objects.
 
 :class:`Exchange` keeps the newest unmerged model per sender, sends an encoded model to
-neighbours (one task per neighbour, cancelled when the next round starts) and waits, bounded,
-for the neighbours' models of an epoch.
+neighbours (one delivery per neighbour at a time: a delivery still running when the next
+round starts is not cancelled, it finishes and the receiver merges it with its staleness
+weight; the newest model waits behind it) and waits for the neighbours' models of an epoch,
+``merge_wait`` seconds, longer while a neighbour's model is visibly arriving (pieces keep
+coming), up to ``merge_wait_cap``.
 """
 
 from __future__ import annotations
@@ -75,26 +78,54 @@ def accept_model(model: ReceivedModel, reference: Mapping[str, torch.Tensor],
     return Incoming(model, state)
 
 
+PROGRESS_GRACE = 5.0
+"""Seconds since a neighbour's last piece during which its model counts as arriving."""
+
+
+def _arriving(host: Host[Incoming], peer_id: str, now: float) -> bool:
+    last = host.receiving_from(peer_id)
+    return last is not None and now - last < PROGRESS_GRACE
+
+
 class Exchange:
     """Our side of one job's model traffic through ``host``."""
 
-    def __init__(self, host: Host[Incoming], merge_wait: float) -> None:
+    def __init__(self, host: Host[Incoming], merge_wait: float,
+                 merge_wait_cap: float | None = None) -> None:
         self.host = host
         self.merge_wait = merge_wait
+        self.merge_wait_cap = merge_wait_cap if merge_wait_cap is not None else 4 * merge_wait
         self.pending: dict[str, Incoming] = {}
         """The newest unmerged model per sender."""
         self.merged_epoch: dict[str, int] = {}
         """The epoch of the last model merged, per sender."""
         self.bytes_sent = 0
         self.models_received = 0
+        self.late_sends = 0
+        """Deliveries that were still running when a newer model was ready for that peer."""
         self._sends: set[asyncio.Task[None]] = set()
+        self._sending: dict[str, asyncio.Task[None]] = {}
+        self._next: dict[str, EncodedModel] = {}
 
     def send(self, model: EncodedModel, peers: Sequence[str]) -> None:
-        """Start delivering ``model`` to each of ``peers`` (until acked, or the next round)."""
+        """Deliver ``model`` to each of ``peers``; to a peer whose previous delivery is still
+        running, right after it (only the newest waiting model is kept)."""
         for pid in peers:
-            task = asyncio.create_task(self._send(pid, model))
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
+            running = self._sending.get(pid)
+            if running is not None and not running.done():
+                if pid not in self._next:
+                    self.late_sends += 1
+                    log.info("the delivery to %s is still running; epoch %d follows it", pid,
+                             model.epoch)
+                self._next[pid] = model
+                continue
+            self._start(pid, model)
+
+    def _start(self, peer_id: str, model: EncodedModel) -> None:
+        task = asyncio.create_task(self._send(peer_id, model))
+        self._sending[peer_id] = task
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     async def _send(self, peer_id: str, model: EncodedModel) -> None:
         try:
@@ -102,13 +133,21 @@ class Exchange:
             self.bytes_sent += model.nbytes
         except TransportError as exc:
             log.warning("could not deliver our model to %s: %s", peer_id, exc)
+        finally:
+            following = self._next.pop(peer_id, None)
+            if self._sending.get(peer_id) is asyncio.current_task():
+                del self._sending[peer_id]
+            if following is not None and peer_id in self.host.members:
+                self._start(peer_id, following)
 
     async def cancel_sends(self) -> None:
-        """Stop the deliveries still running (the previous round had its chance)."""
+        """Stop every delivery (shutting down)."""
+        self._next.clear()
         for task in list(self._sends):
             task.cancel()
         await asyncio.gather(*self._sends, return_exceptions=True)
         self._sends.clear()
+        self._sending.clear()
 
     async def finish_sends(self, timeout: float) -> None:
         """Give the deliveries still running up to ``timeout`` seconds."""
@@ -125,10 +164,14 @@ class Exchange:
                 self.pending[incoming.sender] = incoming
 
     async def collect(self, epoch: int, expect_from: Sequence[str]) -> dict[str, Incoming]:
-        """Wait until the expected neighbours' models of ``epoch`` are here, or merge_wait.
-        Whatever else arrived meanwhile is merged too."""
+        """Wait until the expected neighbours' models of ``epoch`` are here, or merge_wait;
+        past it, while one of them is still arriving (a piece within the last
+        :data:`PROGRESS_GRACE` s), up to merge_wait_cap. Whatever else arrived meanwhile is
+        merged too."""
         host = self.host
-        deadline = time.monotonic() + self.merge_wait
+        started = time.monotonic()
+        deadline = started + self.merge_wait
+        cap = started + max(self.merge_wait, self.merge_wait_cap)
         while True:
             host.changed.clear()
             self._drain()
@@ -138,7 +181,15 @@ class Exchange:
             waiting = [pid for pid in expect_from if pid in members
                        and max(self.pending[pid].epoch if pid in self.pending else -1,
                                self.merged_epoch.get(pid, -1)) < epoch]
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
+            if remaining <= 0 and waiting and now < cap:
+                arriving = [pid for pid in waiting if _arriving(host, pid, now)]
+                if arriving:
+                    remaining = min(1.0, cap - now)  # pieces do not set host.changed: poll
+                    if now - deadline < 1.0:
+                        log.info("epoch %d: still receiving from %s; waiting on", epoch,
+                                 arriving)
             if not waiting or remaining <= 0:
                 break
             try:

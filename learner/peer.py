@@ -264,7 +264,6 @@ class Peer:
         log.info("epoch %d: trained in %.1f s (loss %.4f); test before averaging: %.2f%%",
                  epoch, train_s, stats["loss"], before["accuracy"])
 
-        await exchange.cancel_sends()  # the previous round had its chance
         send_to, expect_from = self._neighbours(epoch)
         encoded = await self._encode(epoch)
         exchange.send(encoded, send_to)

@@ -405,13 +405,80 @@ class _FakeHost:
         self.changed = asyncio.Event()
         self.members = dict.fromkeys(members)
         self.sent: list[tuple[str, int]] = []
+        self.started: list[tuple[str, int]] = []
+        self.slow: dict[str, asyncio.Event] = {}  # deliveries to these wait for the event
+        self.arriving: dict[str, float] = {}  # receiving_from
 
     async def send_model(self, peer_id: str, model: object) -> None:
         from overlay.errors import TransportError
 
         if peer_id == "gone":
             raise TransportError("no route")
+        self.started.append((peer_id, model.epoch))  # type: ignore[attr-defined]
+        if peer_id in self.slow:
+            await self.slow[peer_id].wait()
         self.sent.append((peer_id, model.epoch))  # type: ignore[attr-defined]
+
+    def receiving_from(self, peer_id: str) -> float | None:
+        return self.arriving.get(peer_id)
+
+
+async def test_a_late_delivery_is_not_cancelled_and_the_newest_model_follows_it() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from learner.exchange import Exchange
+
+    host = _FakeHost(["a", "b"])
+    host.slow["a"] = asyncio.Event()
+    exchange = Exchange(host, merge_wait=1.0)  # type: ignore[arg-type]
+    for epoch in (1, 2, 3):  # three rounds while the delivery to a of epoch 1 crawls
+        exchange.send(SimpleNamespace(epoch=epoch, nbytes=10), ["a", "b"])  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+    assert host.started.count(("a", 1)) == 1 and ("a", 2) not in host.started
+    assert [e for p, e in host.sent if p == "b"] == [1, 2, 3]
+    assert exchange.late_sends == 1
+    host.slow["a"].set()  # epoch 1 arrives late (merged there as stale); then the newest
+    await exchange.finish_sends(5.0)
+    await asyncio.sleep(0.01)
+    await exchange.finish_sends(5.0)
+    assert [e for p, e in host.sent if p == "a"] == [1, 3]  # epoch 2 was superseded
+    await exchange.cancel_sends()
+
+
+async def test_collect_waits_past_merge_wait_while_a_model_is_arriving() -> None:
+    import asyncio
+    import time
+
+    from learner.exchange import Exchange, Incoming
+
+    host = _FakeHost(["a", "b"])
+    exchange = Exchange(host, merge_wait=0.3, merge_wait_cap=3.0)  # type: ignore[arg-type]
+    state = {"w": torch.zeros(2)}
+
+    async def a_trickles_in() -> None:  # pieces keep coming for 1.2 s, then the model
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.2:
+            host.arriving["a"] = time.monotonic()
+            await asyncio.sleep(0.1)
+        host.arriving.pop("a")
+        host.inbox.put_nowait(Incoming(_received("a", 1, state), state))  # type: ignore[arg-type]
+        host.changed.set()
+
+    arrival = asyncio.create_task(a_trickles_in())
+    started = time.monotonic()
+    got = await exchange.collect(1, ["a"])
+    await arrival
+    assert set(got) == {"a"} and 1.1 < time.monotonic() - started < 2.5
+    # b shows no progress: merge_wait alone, nothing waited for beyond it
+    started = time.monotonic()
+    assert await exchange.collect(2, ["b"]) == {}
+    assert time.monotonic() - started < 0.6
+    # a transfer that keeps moving forever is still bounded by the cap
+    host.arriving["b"] = time.monotonic() + 100  # "just now", for the whole test
+    started = time.monotonic()
+    assert await exchange.collect(3, ["b"]) == {}
+    assert 2.9 < time.monotonic() - started < 4.0
 
 
 async def test_exchange_collects_the_newest_per_sender_and_stops_waiting_when_all_came(
