@@ -337,3 +337,65 @@ async def test_a_transfer_cut_by_the_links_end_counts_as_incomplete() -> None:
         await link_b(b, a).aclose("the remote vanished")
         assert b.stats.rejected == {"incomplete": 1}
         assert hb.calls == 0 and b.stats.messages_in == 0
+
+
+# ---- a peer that vanishes for real (SIGKILL) ------------------------------------------------
+
+
+async def _killable_peer(server: Any, job: str) -> tuple[asyncio.subprocess.Process, str]:
+    import json
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "testkit.hostproc", "--rendezvous",
+        f"ws://127.0.0.1:{server.port}/ws", "--job", job,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    return proc, json.loads(line)["peer_id"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bulk", [False, True], ids=["idle", "while-we-send-bulk"])
+async def test_heartbeat_notices_a_sigkilled_peer_within_5_s(bulk: bool) -> None:
+    """aiortc alone notices a vanished peer after ~30 s; our heartbeat within 5 s, also while
+    our own bulk fills the send buffer (queued data is no sign of life, acknowledged is)."""
+    import signal
+
+    import numpy as np
+
+    from overlay.models import OutgoingModel
+    from overlay.wire import NamedArray
+    from rendezvous.server import run_rendezvous
+    from testkit.fixtures import running_host, until
+
+    async with run_rendezvous() as server, \
+            running_host(server, job="hb", listen=None, stall_timeout=60.0) as a:
+        proc, peer = await _killable_peer(server, "hb")
+        try:
+            await until(lambda: peer in a.members, 20)
+            assert a.webrtc is not None
+            small = OutgoingModel(job="hb", sender=a.peer_id, epoch=1, samples=1,
+                                  arrays=[NamedArray("w", np.ones(1000, np.float32))])
+            await a.send_model(peer, await a.encode(small))  # the link is up
+            assert (a.webrtc.link_info(peer) or {}).get("state") == "open"
+            sending = None
+            if bulk:
+                big = OutgoingModel(job="hb", sender=a.peer_id, epoch=2, samples=1, arrays=[
+                    NamedArray("w", np.ones(100_000_000 // 4, np.float32))])
+                sending = asyncio.create_task(a.send_model(peer, await a.encode(big)))
+                await until(lambda: a.webrtc is not None and a.webrtc.stats.bytes_out > 5e6, 20)
+            await asyncio.sleep(1.5)  # a heartbeat or two go by
+            proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            await until(lambda: (a.webrtc.link_info(peer) or {}).get("state")  # type: ignore[union-attr]
+                        in ("failed", "closed"), 10, interval=0.05)
+            noticed = time.monotonic() - killed
+            assert noticed < 5.0, noticed
+            if sending is not None:
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()

@@ -382,9 +382,11 @@ class WebRtcLink:
 
     # ---- heartbeat -------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
+        """Ping every ``heartbeat_interval``, check for silence twice as often."""
         t = self._transport
+        pinged = 0.0
         while self.is_open:
-            await asyncio.sleep(t.heartbeat_interval)
+            await asyncio.sleep(t.heartbeat_interval / 2)
             now = time.monotonic()
             for lane in list(self.lanes):
                 silent = lane.silence(now)
@@ -392,8 +394,11 @@ class WebRtcLink:
                     self._set_state(LinkState.FAILED,
                                     f"no heartbeat on lane {lane.number} for {silent:.1f} s")
                     return
-                if lane.is_open and lane.load < LOW_WATER:
-                    lane.send(PING)
+            if now - pinged >= t.heartbeat_interval * 0.9:
+                pinged = now
+                for lane in self.lanes:
+                    if lane.is_open and lane.load < LOW_WATER:
+                        lane.send(PING)
 
     # ---- sending ---------------------------------------------------------------------------
     def _pick_lane(self) -> Lane:
