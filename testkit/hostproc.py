@@ -16,10 +16,11 @@ import sys
 
 from overlay.host import Host, HostConfig
 from overlay.identity import Identity
+from overlay.models import ReceivedModel
 
 
 async def main(args: argparse.Namespace) -> None:
-    host: Host[object] = Host(Identity.generate(),
+    host: Host[ReceivedModel] = Host(Identity.generate(),
                               HostConfig(rendezvous=args.rendezvous, job=args.job,
                                          listen=args.listen))
     await host.start()
