@@ -1,6 +1,6 @@
 """One side of a benchmarks/wan.py measurement, run inside a NAT-lab namespace.
 
-    python benchmarks/_wanprobe.py --shapes FILE.json MODE --rendezvous IP:PORT --job J ...
+    python benchmarks/_wanprobe.py --shapes FILE.json [--lanes N] MODE --rendezvous IP:PORT ...
 
 The same processes as ``benchmarks/_natprobe.py`` (``ours-*``: two :class:`overlay.host.Host`
 peers, ``Host.send_model`` acknowledged after digest and signature checks; ``bare-*``: one bare
@@ -29,8 +29,14 @@ SEND_TIMEOUT = 900.0
 5 Mbit/s uplink); the deadline of the whole pair (``--deadline``) still applies."""
 
 
+LANES: int | None = None
+"""``--lanes N`` (before MODE): WebRTC peer connections per link; None: HostConfig's."""
+
+
 def _config(**kw: Any) -> HostConfig:
     kw["send_timeout"] = max(float(kw.get("send_timeout", 0.0)), SEND_TIMEOUT)
+    if LANES is not None:
+        kw["lanes"] = LANES
     return HostConfig(**kw)
 
 
@@ -54,8 +60,13 @@ def main() -> None:
     if len(argv) < 2 or argv[0] != "--shapes":
         raise SystemExit("usage: _wanprobe.py --shapes FILE.json MODE [natprobe options]")
     _natprobe.SHAPES = load_shapes(argv[1])
+    argv = argv[2:]
+    if len(argv) >= 2 and argv[0] == "--lanes":
+        global LANES
+        LANES = int(argv[1])
+        argv = argv[2:]
     setattr(_natprobe, "HostConfig", _config)  # noqa: B010 (its ours_send reads this name)
-    sys.argv = [sys.argv[0], *argv[2:]]
+    sys.argv = [sys.argv[0], *argv]
     _natprobe.main()
 
 

@@ -115,9 +115,12 @@ class Probe:
     result, its stderr goes to ``logfile``."""
 
     def __init__(self, host: Host, mode: str, shapes: Path, rendezvous: str, job: str,
-                 logfile: Path, listen: str | None, rounds: int, deadline: float) -> None:
+                 logfile: Path, listen: str | None, rounds: int, deadline: float,
+                 lanes: int | None = None) -> None:
         self.logfile = logfile
-        args = [str(PROBE), "--shapes", str(shapes), mode, "--rendezvous", rendezvous,
+        lane_args = ["--lanes", str(lanes)] if lanes is not None else []
+        args = [str(PROBE), "--shapes", str(shapes), *lane_args, mode,
+                "--rendezvous", rendezvous,
                 "--job", job, "--connect-timeout", str(CONNECT_TIMEOUT),
                 "--deadline", str(deadline), "--rounds", str(rounds)]
         if listen is not None:
@@ -154,10 +157,12 @@ class Probe:
 class Bench:
     """The lab, its services and the files the probes share."""
 
-    def __init__(self, lab: NatLab, rendezvous: str, tmp: Path) -> None:
+    def __init__(self, lab: NatLab, rendezvous: str, tmp: Path,
+                 lanes: int | None = None) -> None:
         self.lab = lab
         self.rendezvous = rendezvous
         self.tmp = tmp
+        self.lanes = lanes
         self.jobs = 0
         self.names = 0
         self.shape_files: dict[str, tuple[Path, int]] = {}
@@ -190,9 +195,9 @@ class Bench:
         self.jobs += 1
         job = f"wan{self.jobs}-{mode}"
         recv = Probe(receiver, f"{mode}-recv", shapes, self.rendezvous, job,
-                     self.tmp / f"{job}-recv.log", listens[1], rounds, deadline)
+                     self.tmp / f"{job}-recv.log", listens[1], rounds, deadline, self.lanes)
         send = Probe(sender, f"{mode}-send", shapes, self.rendezvous, job,
-                     self.tmp / f"{job}-send.log", listens[0], rounds, deadline)
+                     self.tmp / f"{job}-send.log", listens[0], rounds, deadline, self.lanes)
         end = time.monotonic() + deadline
         got = send.result(end - time.monotonic())
         recv.result(max(5.0, end - time.monotonic()))
@@ -341,8 +346,10 @@ def target_goodput(bench: Bench, label: str, repeats: int) -> list[dict[str, Any
     return rows
 
 
-def swarm(profile: LinkProfile, tmp: Path, epochs: int) -> dict[str, Any]:
+def swarm(profile: LinkProfile, tmp: Path, epochs: int,
+          lanes: int | None = None) -> dict[str, Any]:
     """Four peers behind port-restricted NATs on ``profile`` train ``epochs`` epochs."""
+    lane_args = ["--lanes", str(lanes)] if lanes is not None else []
     out: dict[str, Any] = {"profile": profile.name, "peers": SWARM_PEERS, "epochs": epochs}
     started = time.monotonic()
     with NatLab(profile=None) as lab, LocalSwarm(tmp / f"swarm-{profile.name}") as sw:
@@ -350,8 +357,8 @@ def swarm(profile: LinkProfile, tmp: Path, epochs: int) -> dict[str, Any]:
         homes = [lab.add_home(f"s{i}", NatType.PORT_RESTRICTED, profile=profile)
                  for i in range(SWARM_PEERS)]
         for num, home in enumerate(homes):
-            sw.start_peer(num, SWARM_PEERS, epochs, "--merge-wait", "300", host=home.host,
-                          listen=None)
+            sw.start_peer(num, SWARM_PEERS, epochs, "--merge-wait", "300", *lane_args,
+                          host=home.host, listen=None)
         codes = sw.wait_peers(900)
         out["exit_codes"] = {str(k): v for k, v in codes.items()}
         ids = {n: str((sw.events(n, "start") or [{}])[0].get("peer_id"))
@@ -415,6 +422,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="payload of the goodput-target cases, MB (default 10)")
     parser.add_argument("--quick", action="store_true",
                         help="cable only, CNN only, 1 repeat, 4.8 MB target payload")
+    parser.add_argument("--lanes", type=int, default=None,
+                        help="WebRTC peer connections per link for our transfers (default: "
+                        "HostConfig's); 1 = one SCTP association, as bare aiortc")
     parser.add_argument("--skip-swarm", action="store_true")
     parser.add_argument("--skip-targets", action="store_true",
                         help="leave out the set-up and goodput-target cases")
@@ -430,6 +440,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             parser.error(f"unknown or no {name}(s) {bad}: choose from {', '.join(allowed)}")
+    if args.lanes is not None and not 1 <= args.lanes <= 16:
+        parser.error(f"--lanes must be 1..16, got {args.lanes}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if not 0.1 <= args.target_mb <= 1000:
@@ -447,13 +459,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.monotonic()
     lanes = lanes_info()
+    lanes["used"] = args.lanes if args.lanes is not None else lanes["default_lanes"]
     figures: dict[str, Any] = {"lanes": lanes, "repeats": args.repeats,
                                "tcp_reference": "one flow, cubic (bbr shown)"}
     with tempfile.TemporaryDirectory(prefix="wanbench-") as tmpname, NatLab() as lab, \
             LocalSwarm(Path(tmpname) / "svc") as services:
         tmp = Path(tmpname)
         rdv, turn = services.start_lab_services(lab, TURN_SECRET)
-        bench = Bench(lab, f"{rdv.ip}:{services.rendezvous_port}", tmp)
+        bench = Bench(lab, f"{rdv.ip}:{services.rendezvous_port}", tmp, args.lanes)
         log(f"lab {lab.name}: rendezvous {bench.rendezvous}, coturn {turn.ip}:3478, "
             f"lanes {lanes}")
         for label in args.sizes:
@@ -476,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="wanswarm-") as tmpname:
             for name in args.profiles:
                 log(f"swarm on {name}")
-                swarms.append(swarm(PROFILES[name], Path(tmpname), args.epochs))
+                swarms.append(swarm(PROFILES[name], Path(tmpname), args.epochs, args.lanes))
     figures["swarms"] = swarms
     figures["targets"] = targets(figures)
     figures["elapsed_s"] = round(time.monotonic() - t0, 1)

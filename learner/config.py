@@ -184,8 +184,12 @@ class NetworkConfig:
         metavar="SECONDS")
     linger: float = option(2.0, "seconds to keep serving after the last epoch (late fetches, "
                            "final deliveries)", "--linger", kind="float")
+    lanes: int = option(3, "WebRTC peer connections per link; large models stripe over them "
+                        "(1: a single SCTP association)", "--lanes", kind="int", metavar="N")
 
     def __post_init__(self) -> None:
+        if not 1 <= self.lanes <= 16:
+            raise ValueError(f"--lanes must be 1..16, got {self.lanes}")
         if self.codec not in CODEC_CHOICES:
             raise ValueError(f"--codec must be one of {sorted(CODEC_CHOICES)}, "
                              f"got {self.codec!r}")

@@ -154,7 +154,7 @@ class Peer:
             identity,
             HostConfig(rendezvous=cfg.rendezvous, job=net.job, listen=_tcp(net.listen),
                        advertise=_tcp(net.advertise), limits=self.limits,
-                       membership=self.membership),
+                       membership=self.membership, lanes=net.lanes),
             meta,
             accept=self.validate,
             on_member_event=self.events.member,

@@ -86,6 +86,9 @@ class HostConfig:
     """Bound on fetching one model from one peer (bootstrap)."""
     connect_timeout: float = 20.0
     """Bound on setting up a link (the first ``ping`` round trip, ICE included)."""
+    lanes: int = 3
+    """Peer connections per WebRTC link; large models stripe over them (docs/wan.md: what
+    that does to other traffic on the user's link). 1: one SCTP association, as aiortc."""
     ice_transport_policy: str = "all"
     """``all``: direct paths first, TURN as fallback; ``relay``: TURN only (tests)."""
     backoff_initial: float = 1.0
@@ -219,7 +222,7 @@ class Host(Generic[T]):
             self.identity, lambda: rendezvous.ice_servers, self._on_message, self.config.limits,
             send_signal=self._send_signal,
             ice_transport_policy=self.config.ice_transport_policy,
-            connect_timeout=self.config.connect_timeout,
+            connect_timeout=self.config.connect_timeout, lanes=self.config.lanes,
         )
         self.connections = Connections(
             self, self.transport, self.webrtc,
