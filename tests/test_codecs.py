@@ -59,8 +59,8 @@ def resign(header: dict[str, Any], payloads: list[bytes]) -> dict[str, Any]:
     """``header`` with a valid digest and signature by ALICE over whatever it now says."""
     meta = wire._canonical_meta(header["job"], header["sender"], header["epoch"],
                                 header["samples"], header["codec"], header.get("block"),
-                                header["arrays"])
-    digest = wire._digest(meta, payloads)
+                                header["arrays"], header.get("hash", wire.SHA256))
+    digest = wire._digest(meta, payloads, header.get("hash", wire.SHA256))
     return {**header, "digest": digest, "signature": ALICE.sign(DOMAIN_MODEL + digest)}
 
 
@@ -370,7 +370,7 @@ def golden_message() -> ModelMessage:
         NamedArray("layer.weight", np.linspace(-1, 1, 300, dtype=np.float32).reshape(3, 100)),
         NamedArray("layer.bias", np.array([0.5, -0.25], dtype=np.float64)),
         NamedArray("steps", np.array(7, dtype=np.int64)),
-    ], codec="int8", request_id="golden")
+    ], codec="int8", hash=wire.SHA256, request_id="golden")  # recorded before blake3
 
 
 def write_golden() -> None:

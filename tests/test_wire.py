@@ -1,9 +1,10 @@
 """The model wire format: round trips, and every kind of bad frame refused with its reason.
 
 tests/data/model_small.msgpack holds the frames ``[header, payload, ...]`` of
-``golden_message()`` signed by ``GOLDEN_KEY``; Ed25519 signatures and the header encoding are
-deterministic, so re-encoding must give the same bytes. Regenerate (after a deliberate format
-change) with::
+``golden_message()`` signed by ``GOLDEN_KEY`` (digest hash sha256, as every sender wrote before
+the ``hash`` field existed), model_small_blake3.msgpack the same digested with blake3; Ed25519
+signatures and the header encoding are deterministic, so re-encoding must give the same bytes.
+Regenerate (after a deliberate format change) with::
 
     .venv/bin/python -c "import tests.test_wire as t; t.write_golden()"
 """
@@ -22,11 +23,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from overlay import wire
 from overlay.errors import WireError
 from overlay.identity import Identity
 from overlay.wire import (
     ALLOWED_DTYPES,
+    BLAKE3,
     CODECS,
+    SHA256,
     WIRE_VERSION,
     Limits,
     ModelMessage,
@@ -40,6 +44,8 @@ from overlay.wire import (
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "model_small.msgpack"
+GOLDEN_BY_HASH = {SHA256: GOLDEN, BLAKE3: DATA / "model_small_blake3.msgpack"}
+HAVE_BLAKE3 = wire._HASHES[BLAKE3] is not None
 GOLDEN_KEY = bytes(range(32))
 
 ALICE = Identity(Ed25519PrivateKey.from_private_bytes(GOLDEN_KEY))
@@ -163,26 +169,133 @@ def test_large_payload_hashed_in_pieces_round_trips() -> None:
     assert reason_of(header, [bytes(flipped), payloads[1]]) == "bad_digest"
 
 
-def golden_message() -> ModelMessage:
+def golden_message(hash_name: str = SHA256) -> ModelMessage:
     return message([
         NamedArray("layer.weight", np.arange(6, dtype=np.float32).reshape(2, 3) / 4),
         NamedArray("layer.bias", np.array([1, -1], dtype=np.int16)),
         NamedArray("steps", np.array(7, dtype=np.int64)),
-    ], request_id="golden")
+    ], hash=hash_name, request_id="golden")
 
 
 def write_golden() -> None:
     DATA.mkdir(exist_ok=True)
-    frames = [bytes(f) for f in encode_model(golden_message(), ALICE)]
-    GOLDEN.write_bytes(msgpack.packb(frames, use_bin_type=True))
+    for hash_name, path in GOLDEN_BY_HASH.items():
+        frames = [bytes(f) for f in encode_model(golden_message(hash_name), ALICE)]
+        path.write_bytes(msgpack.packb(frames, use_bin_type=True))
 
 
-def test_recorded_frames_decode_and_encoding_has_not_drifted() -> None:
-    recorded = msgpack.unpackb(GOLDEN.read_bytes(), raw=False)
-    got = decode_model(decode_header(recorded[0]), recorded[1:], keys)
+@pytest.mark.parametrize("hash_name", [
+    SHA256,
+    pytest.param(BLAKE3, marks=pytest.mark.skipif(not HAVE_BLAKE3, reason="blake3 not installed")),
+])
+def test_recorded_frames_decode_and_encoding_has_not_drifted(hash_name: str) -> None:
+    recorded = msgpack.unpackb(GOLDEN_BY_HASH[hash_name].read_bytes(), raw=False)
+    header = decode_header(recorded[0])
+    assert header.get("hash", SHA256) == hash_name
+    assert ("hash" in header) == (hash_name != SHA256)  # sha256 headers are as they always were
+    got = decode_model(header, recorded[1:], keys)
     assert_same_arrays(got.arrays, golden_message().arrays)
-    assert got.request_id == "golden"
-    assert [bytes(f) for f in encode_model(golden_message(), ALICE)] == recorded
+    assert got.request_id == "golden" and got.hash == hash_name
+    assert [bytes(f) for f in encode_model(golden_message(hash_name), ALICE)] == recorded
+
+
+def test_default_hash_is_blake3_where_installed() -> None:
+    assert wire.DEFAULT_HASH == (BLAKE3 if HAVE_BLAKE3 else SHA256)
+    header, _ = frames_of(message())
+    assert header.get("hash", SHA256) == wire.DEFAULT_HASH
+
+
+@pytest.mark.parametrize("hash_name", [
+    SHA256,
+    pytest.param(BLAKE3, marks=pytest.mark.skipif(not HAVE_BLAKE3, reason="blake3 not installed")),
+])
+def test_each_hash_round_trips_and_catches_a_flipped_byte(hash_name: str) -> None:
+    arrays = [NamedArray("big", np.arange(600_000, dtype=np.float32)),
+              NamedArray("b", np.array([1, 2], dtype=np.int8))]
+    header, payloads = frames_of(message(arrays, hash=hash_name))
+    assert decode_model(header, payloads, keys).hash == hash_name
+    flipped = bytearray(payloads[0])
+    flipped[-1] ^= 1
+    assert reason_of(header, [bytes(flipped), payloads[1]]) == "bad_digest"
+
+
+@pytest.mark.skipif(not HAVE_BLAKE3, reason="blake3 not installed")
+def test_hash_field_is_covered_by_the_digest() -> None:
+    """Renaming a model's hash (sha256 <-> blake3) without re-digesting it is caught."""
+    header, payloads = frames_of(message(hash=SHA256))
+    assert reason_of({**header, "hash": BLAKE3}, payloads) == "bad_digest"
+    header, payloads = frames_of(message(hash=BLAKE3))
+    assert reason_of({**header, "hash": SHA256}, payloads) == "bad_digest"
+    without = {k: v for k, v in header.items() if k != "hash"}
+    assert reason_of(without, payloads) == "bad_digest"
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("md5", "bad_hash"), ("", "bad_hash"), ("x" * 1000, "bad_hash"), (5, "malformed"),
+    (b"blake3", "malformed"),
+])
+def test_unknown_or_mistyped_hash_is_refused(value: Any, reason: str) -> None:
+    header, payloads = frames_of(message())
+    assert reason_of({**header, "hash": value}, payloads) == reason
+
+
+@pytest.mark.parametrize("cuts", [[], [7], [1 << 19, 1 << 20, (1 << 20) + 5], [1 << 20]])
+def test_piece_hashes_of_segments_match_the_digest_pieces(cuts: list[int]) -> None:
+    payload = np.random.default_rng(1).bytes((2 << 20) + 100)
+    bounds = [0, *cuts, len(payload)]
+    segments = [memoryview(payload)[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    for hash_name in [SHA256] + ([BLAKE3] if HAVE_BLAKE3 else []):
+        new = wire._HASHES[hash_name]
+        assert new is not None
+        want = [new(payload[i : i + wire.HASH_CHUNK]).digest()
+                for i in range(0, len(payload), wire.HASH_CHUNK)]
+        assert wire.piece_hashes(hash_name, segments) == want
+    assert wire.piece_hashes(SHA256, [memoryview(b"")]) == [wire.hashlib.sha256().digest()]
+
+
+def prehashed(payloads: list[bytes], hash_name: str) -> wire.PrehashedPayloads:
+    views = [memoryview(p) for p in payloads]
+    return wire.PrehashedPayloads(views, hash_name,
+                                  [wire.piece_hashes(hash_name, [v]) for v in views])
+
+
+def test_prehashed_payloads_decode_like_plain_ones() -> None:
+    arrays = [NamedArray("big", np.arange(600_000, dtype=np.float32)),
+              NamedArray("b", np.array([1, 2], dtype=np.int8))]
+    header, payloads = frames_of(message(arrays))
+    got = decode_model(header, prehashed(payloads, wire.DEFAULT_HASH), keys)
+    assert got.digest == header["digest"]
+
+
+def test_a_prehashed_payload_replaced_afterwards_is_hashed_again() -> None:
+    """Hashes count only for the very object they were computed over: swapping a payload in
+    the list (or claiming another hash) cannot carry a stale hash past the digest check."""
+    arrays = [NamedArray("big", np.arange(600_000, dtype=np.float32))]
+    header, payloads = frames_of(message(arrays))
+    received = prehashed(payloads, wire.DEFAULT_HASH)
+    flipped = bytearray(payloads[0])
+    flipped[5] ^= 1
+    received[0] = memoryview(bytes(flipped))
+    assert reason_of(header, received) == "bad_digest"
+    wrong = wire.PrehashedPayloads([memoryview(payloads[0])], wire.DEFAULT_HASH, [[b"x" * 32]])
+    assert reason_of(header, wrong) == "bad_digest"  # a wrong hash never passes either
+    other = SHA256 if wire.DEFAULT_HASH != SHA256 else "md5"
+    ignored = wire.PrehashedPayloads([memoryview(payloads[0])], other, [[b"x" * 32]])
+    assert decode_model(header, ignored, keys).digest == header["digest"]
+
+
+def test_sender_refuses_a_hash_it_does_not_have() -> None:
+    with pytest.raises(WireError) as info:
+        encode_model(message(hash="md5"), ALICE)
+    assert info.value.reason == "bad_hash"
+
+
+def test_a_receiver_without_blake3_refuses_it_as_bad_hash(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    header, payloads = frames_of(message(hash=SHA256))
+    monkeypatch.setitem(wire._HASHES, BLAKE3, None)
+    assert reason_of({**header, "hash": BLAKE3}, payloads) == "bad_hash"
+    assert decode_model(header, payloads, keys).hash == SHA256  # sha256 still works
 
 
 # ---- refusals: the header frame ------------------------------------------------------------

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -21,18 +22,29 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from overlay.dialback import dial_back
-from overlay.errors import TransportError
+from overlay.errors import TransportError, WireError
 from overlay.identity import Identity
 from overlay.transport.base import Frames, Handler, StaticDirectory
-from overlay.transport.zeromq import ZmqTransport
+from overlay.transport.zeromq import (
+    SPLIT_BYTES,
+    ZmqTransport,
+    is_split,
+    join_group,
+    split_frames,
+    split_groups,
+)
 from overlay.wire import (
+    DEFAULT_HASH,
     FrameType,
     Limits,
     ModelMessage,
     NamedArray,
+    PrehashedPayloads,
+    decode_header,
     decode_model,
     encode_control,
     encode_model,
+    request_id_of,
 )
 from testkit.fixtures import reserved_port
 
@@ -234,6 +246,156 @@ async def test_frame_over_maxmsgsize_drops_the_connection_and_serving_goes_on() 
         header, _ = await a.request(b.identity.peer_id, frames, request_id, timeout=5.0)
         assert header["type"] == FrameType.ACK.value
         assert rec.got == [(3, "B")]
+
+
+# ---- large frames travel split ----------------------------------------------------------------
+
+
+def unsplit(frames: list[bytes | memoryview], limits: Limits = Limits()) -> list[bytes]:
+    """What a receiver makes of ``frames`` as they travel."""
+    views = [memoryview(f).cast("B") for f in frames]
+    if not is_split(views[0]):
+        return [bytes(v) for v in views]
+    return [bytes(join_group(g)) for g in split_groups(views[0], views[1:], limits)]
+
+
+@pytest.mark.parametrize("sizes", [
+    [10, 0, 300],  # nothing large: sent as it is
+    [10, SPLIT_BYTES],  # exactly the limit: not split
+    [10, SPLIT_BYTES + 1, 0, 5],
+    [10, 3 * SPLIT_BYTES, SPLIT_BYTES * 2 + 7, 1],  # exact multiples and not
+])
+def test_split_frames_round_trip(sizes: list[int]) -> None:
+    rng = np.random.default_rng(len(sizes))
+    frames: list[bytes | memoryview] = [rng.bytes(n) for n in sizes]
+    sent = split_frames(frames, "r1")
+    assert all(len(f) <= SPLIT_BYTES for f in sent[1:])
+    assert is_split(sent[0]) == (max(sizes) > SPLIT_BYTES)
+    assert unsplit(sent) == frames
+    if is_split(sent[0]):  # an old peer refuses the envelope, naming the request
+        with pytest.raises(WireError, match="unknown frame type"):
+            decode_header(sent[0])
+        assert request_id_of(sent[0]) == "r1"
+    else:
+        assert sent == frames
+
+
+def test_split_sub_frames_are_views_not_copies() -> None:
+    payload = np.arange(SPLIT_BYTES, dtype=np.uint8).repeat(2)  # 2 sub-frames
+    sent = split_frames([b"h", payload.data.cast("B")])
+    assert len(sent) == 4
+    assert all(isinstance(f, memoryview) and f.obj is payload for f in sent[2:])
+
+
+@pytest.mark.parametrize(("envelope", "n_sub", "reason"), [
+    ({"v": 1, "type": "split", "parts": [1, 2]}, 4, "truncated"),
+    ({"v": 1, "type": "split", "parts": [1, 2]}, 2, "truncated"),
+    ({"v": 1, "type": "split", "parts": [1, 0, 2]}, 3, "malformed"),
+    ({"v": 1, "type": "split", "parts": [1, True]}, 2, "malformed"),
+    ({"v": 1, "type": "split", "parts": []}, 0, "malformed"),
+    ({"v": 1, "type": "split", "parts": "11"}, 2, "malformed"),
+    ({"v": 1, "type": "split", "pad": 1}, 2, "malformed"),
+])
+def test_a_lying_split_envelope_is_refused(envelope: dict[str, Any], n_sub: int,
+                                           reason: str) -> None:
+    packed = msgpack.packb(envelope)
+    assert is_split(packed)
+    with pytest.raises(WireError) as info:
+        split_groups(packed, [memoryview(b"x")] * n_sub, Limits())
+    assert info.value.reason == reason
+
+
+def test_a_split_frame_beyond_the_size_limit_is_refused() -> None:
+    limits = Limits(max_total_bytes=1000, max_header_bytes=100)
+    packed = msgpack.packb({"v": 1, "type": "split", "parts": [1, 3]})
+    with pytest.raises(WireError) as info:
+        split_groups(packed, [memoryview(b"h")] + [memoryview(bytes(400))] * 3, limits)
+    assert info.value.reason == "too_large"
+
+
+class Keeper:
+    """Verifies models and keeps what the handler was given."""
+
+    def __init__(self) -> None:
+        self.payloads: list[list[memoryview]] = []
+        self.arrays: list[list[NamedArray]] = []
+
+    async def __call__(self, header: dict[str, Any], payloads: list[memoryview],
+                       origin: str | None) -> Frames:
+        self.payloads.append(payloads)
+        msg = decode_model(header, payloads, {SENDER.peer_id: SENDER.public_key}.get)
+        self.arrays.append(msg.arrays)
+        return [encode_control(FrameType.ACK, request_id=msg.request_id, digest=msg.digest)]
+
+
+async def test_a_large_model_travels_split_and_arrives_checked_and_prehashed() -> None:
+    rng = np.random.default_rng(3)
+    arrays = [NamedArray("big", rng.standard_normal(700_000, dtype=np.float32)),  # 2.8 MB
+              NamedArray("small", np.arange(5, dtype=np.int64)),
+              NamedArray("edge", rng.standard_normal(SPLIT_BYTES // 4, dtype=np.float32))]
+    msg = ModelMessage(job="j", sender=SENDER.peer_id, epoch=1, samples=1, arrays=arrays,
+                       request_id="big")
+    frames = encode_model(msg, SENDER)
+    keeper = Keeper()
+    async with transport(keeper) as b, transport(listen=None) as a:
+        header, _ = await a.request(b.identity.peer_id, frames, "big", timeout=10)
+        assert header["type"] == FrameType.ACK.value and header["digest"] == msg.digest
+    (payloads,), (got,) = keeper.payloads, keeper.arrays
+    assert isinstance(payloads, PrehashedPayloads) and payloads.hash_name == DEFAULT_HASH
+    assert payloads.hashes_of(0, payloads[0], DEFAULT_HASH) is not None  # joined: hashed
+    assert payloads.hashes_of(1, payloads[1], DEFAULT_HASH) is None  # small: as it came
+    for g, w in zip(got, arrays, strict=True):
+        assert g.name == w.name and np.array_equal(g.array, w.array)
+    assert not got[0].array.flags.writeable  # a joined payload is our read-only copy
+
+
+async def test_a_tampered_split_model_is_refused_as_bad_digest() -> None:
+    rng = np.random.default_rng(4)
+    msg = ModelMessage(job="j", sender=SENDER.peer_id, epoch=1, samples=1, request_id="t",
+                       arrays=[NamedArray("big", rng.standard_normal(400_000,
+                                                                     dtype=np.float32))])
+    frames = encode_model(msg, SENDER)
+    flipped = bytearray(frames[1])
+    flipped[SPLIT_BYTES + 3] ^= 1  # in the second sub-frame
+    keeper = Keeper()
+    async with transport(keeper) as b, transport(listen=None) as a:
+        header, _ = await a.request(b.identity.peer_id, [frames[0], bytes(flipped)], "t",
+                                    timeout=10)
+        assert header["type"] == FrameType.NACK.value and header["reason"] == "bad_digest"
+        assert b.stats.rejected == {"bad_digest": 1}
+
+
+async def test_a_split_reply_comes_back_joined() -> None:
+    blob = secrets.token_bytes(3 * SPLIT_BYTES + 11)
+
+    async def echo(header: dict[str, Any], payloads: list[memoryview],
+                   origin: str | None) -> Frames:
+        return [encode_control(FrameType.PONG, request_id=header["request_id"]), *payloads]
+
+    async with transport(echo) as b, transport(listen=None) as a:
+        header, payloads = await a.request(
+            b.identity.peer_id, [encode_control(FrameType.PING, request_id="e"), blob, b"x"],
+            "e", timeout=10)
+    assert header["type"] == FrameType.PONG.value
+    assert [bytes(p) for p in payloads] == [blob, b"x"]
+
+
+async def test_a_split_message_with_a_lying_envelope_is_nacked() -> None:
+    keeper = Keeper()
+    async with transport(keeper) as b, raw_context() as ctx:
+        assert b.address is not None
+        dealer = curve_dealer(ctx, b.identity)
+        dealer.connect(b.address)
+        envelope = msgpack.packb({"v": 1, "type": "split", "parts": [1, 5], "request_id": "l"})
+        await dealer.send_multipart([envelope, encode_control(FrameType.PING), b"a", b"b"])
+        reply = decode_header(await asyncio.wait_for(dealer.recv(), 5.0))
+        assert reply["type"] == FrameType.NACK.value and reply["request_id"] == "l"
+        assert reply["reason"] == "truncated" and keeper.payloads == []
+        nested = msgpack.packb({"v": 1, "type": "split", "parts": [1, 1], "request_id": "n"})
+        await dealer.send_multipart([nested, nested, b"x"])
+        reply = decode_header(await asyncio.wait_for(dealer.recv(), 5.0))
+        assert reply["reason"] == "malformed" and reply["request_id"] == "n"
+        assert b.stats.rejected == {"truncated": 1, "malformed": 1}
 
 
 # ---- dial-back, close -----------------------------------------------------------------------
