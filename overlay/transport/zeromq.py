@@ -485,8 +485,9 @@ class ZmqTransport(Transport):
                                                remaining)
                 if not parts:
                     continue
-                got = await asyncio.wait_for(
-                    self._unsplit(parts[0].buffer, [p.buffer for p in parts[1:]]), remaining)
+                head, rest = parts[0].buffer, [p.buffer for p in parts[1:]]
+                got = (await asyncio.wait_for(self._unsplit(head, rest), remaining)
+                       if is_split(head) else await self._unsplit(head, rest))
                 if not got:
                     continue
                 header = decode_header(got[0], self.limits)
