@@ -35,11 +35,13 @@ from overlay.wire import Limits
 
 log = logging.getLogger(__name__)
 
-PIECE_BYTES = 1024 * 1024
-"""Bytes per piece on a WebRTC link (a few transfers in flight stripe over the lanes)."""
+PIECE_BYTES = 256 * 1024
+"""Bytes per piece on a WebRTC link: small enough that the pieces in flight spread evenly over
+the lanes and the last ones do not leave most lanes idle (a lane on a lossy link moves
+~0.1 MB/s)."""
 PIECE_BYTES_ZMQ = 4 * 1024 * 1024
 """Bytes per piece on a ZeroMQ link (TCP: fewer, larger requests)."""
-WINDOW = 6
+WINDOW = 12
 """Pieces in flight per model and peer (below the WebRTC transport's requests per link)."""
 IDLE_TIMEOUT = 300.0
 """Seconds a receiver keeps a partial model after its last piece (resumable meanwhile)."""

@@ -81,7 +81,7 @@ DEAD_AFTER = 3.5
 interval: a peer that vanished is noticed 2.5-4 s after its last heartbeat)."""
 CHUNK_IDLE_TIMEOUT = 15.0
 """Seconds a receiver waits for the next chunk of an incoming transfer."""
-MAX_TRANSFERS = 8
+MAX_TRANSFERS = 16
 """Incoming requests per link being received or handled; also outstanding requests per link."""
 
 
