@@ -124,14 +124,17 @@ async def test_a_large_model_goes_in_pieces_over_zeromq_and_webrtc() -> None:
             running_host(server, job=JOB, listen=None) as natted:
         await until(lambda: natted.peer_id in public.members
                     and public.peer_id in natted.members, 10)
-        for sender, receiver, kind in [(natted, public, LinkKind.ZMQ),
-                                       (public, natted, LinkKind.WEBRTC_DIRECT)]:
-            encoded = await sender.encode(_big(sender, 3))
+        # pieces: 16 MiB on ZeroMQ, 256 KiB on WebRTC
+        for sender, receiver, kind, mb in [(natted, public, LinkKind.ZMQ, 40.0),
+                                           (public, natted, LinkKind.WEBRTC_DIRECT, 5.0)]:
+            encoded = await sender.encode(_big(sender, 3, mb))
             await sender.send_model(receiver.peer_id, encoded)
             got = await asyncio.wait_for(receiver.inbox.get(), 30)
             assert got.digest == encoded.digest and got.epoch == 3
-            np.testing.assert_array_equal(got.arrays[0].array, _big(sender, 3).arrays[0].array)
+            np.testing.assert_array_equal(got.arrays[0].array,
+                                          _big(sender, 3, mb).arrays[0].array)
             assert sender.links[receiver.peer_id].kind is kind
+            assert receiver.pieces.completed == 1
             assert len(receiver.pieces) == 0 and receiver.receiving_from(sender.peer_id) is None
         assert public.webrtc is not None
         info = public.webrtc.link_info(natted.peer_id)
