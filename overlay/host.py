@@ -482,9 +482,10 @@ class Host(Generic[T]):
         """Deliver ``model`` to ``peer_id``; returns once it acknowledged. Raises
         TransportError (also for a refusal).
 
-        A model larger than one piece goes in pieces (overlay.pieces): a piece whose request
-        fails is sent again once the link is back, acknowledged ones never; the delivery fails
-        only when no piece was acknowledged for ``stall_timeout``.
+        A model larger than one piece goes in pieces (overlay.pieces): once a piece was
+        acknowledged, a piece whose request fails is sent again when the link is back,
+        acknowledged ones never, and the delivery fails only when no piece was acknowledged for
+        ``stall_timeout``; a delivery whose first pieces fail fails at once, like a small one.
         """
         started = time.monotonic()
         if model.nbytes > self._piece_bytes(peer_id):
@@ -520,6 +521,8 @@ class Host(Generic[T]):
                         peer_id, [head, piece_bytes_of(frames, offset, length)], request_id,
                         self.config.send_timeout)
                 except TransportError as exc:
+                    if not progress[1]:  # nothing acknowledged yet: nothing to resume
+                        raise
                     todo.appendleft((offset, length))  # again, once the link is back
                     retries += 1
                     log.info("piece at %d to %s failed (%s); sending it again", offset,
