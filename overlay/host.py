@@ -388,7 +388,8 @@ class Host(Generic[T]):
         request_id = header.get("request_id")
         if len(payloads) != 1:
             raise WireError("bad_piece", f"a piece carries one payload, not {len(payloads)}")
-        done = self._completed.get((origin, header.get("model")))  # type: ignore[arg-type]
+        digest = header.get("model")
+        done = self._completed.get((origin, digest)) if isinstance(digest, bytes) else None
         if done is not None:
             return done
         partial = self.pieces.add(origin, header, payloads[0])

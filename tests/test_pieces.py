@@ -16,7 +16,7 @@ from overlay.host import Host
 from overlay.models import OutgoingModel
 from overlay.pieces import PieceStore, piece_bytes_of, piece_plan
 from overlay.transport.base import LinkKind
-from overlay.wire import Limits, NamedArray
+from overlay.wire import FrameType, Limits, NamedArray, encode_control
 from rendezvous.server import run_rendezvous
 from testkit.fixtures import running_host, until
 
@@ -163,3 +163,23 @@ async def test_a_delivery_cut_mid_way_resumes_from_the_acknowledged_pieces() -> 
         sent = a.webrtc.stats.bytes_out - sent_before
         assert sent < encoded.nbytes * 2 - had / 2, (sent, encoded.nbytes, had)
         assert b.pieces.held_bytes() == 0
+
+
+async def test_a_host_refuses_hostile_piece_headers_with_a_reason() -> None:
+    from overlay.host import HostConfig
+    from overlay.identity import Identity
+
+    host: Host[Any] = Host(Identity.generate(), HostConfig(rendezvous="127.0.0.1:1", job=JOB))
+    data = memoryview(b"x" * 10)
+    for header, payloads in [({"model": [1, 2], "frames": [10], "offset": 0}, [data]),
+                             ({"model": {"a": 1}, "frames": [10], "offset": 0}, [data]),
+                             (_header([10], 0), [data, data]),
+                             (_header([10], 0), [])]:
+        with pytest.raises(WireError) as exc:
+            await host._take_piece(header, payloads, "someone")
+        assert exc.value.reason == "bad_piece", header
+    # pieces that make something else than a model: refused once complete
+    ping = encode_control(FrameType.PING, request_id="r")
+    with pytest.raises(WireError, match="do not make a model"):
+        await host._take_piece(_header([len(ping)], 0), [memoryview(ping)], "someone")
+    assert len(host.pieces) == 0
