@@ -7,9 +7,10 @@ offerer numbers its peer connections (``pc`` in every offer and answer); the ans
 one per number it is offered and *adopts* it once the first chunk arrives on it, so it never
 sends on an attempt the offerer gave up (the race of a direct and a relayed attempt).
 
-A lane knows when it last heard from the remote and when its send buffer last drained
-(``bufferedAmount`` only shrinks when the remote acknowledges data, aiortc's SCTP keeps
-what is not acknowledged in its own queue): the link's heartbeat reads both.
+A lane knows when it last heard from the remote (any SCTP chunk: data, SACK, heartbeat) and
+when its send buffer last drained (``bufferedAmount`` only shrinks when the remote
+acknowledges data, aiortc's SCTP keeps what is not acknowledged in its own queue): the
+link's heartbeat reads both.
 """
 
 from __future__ import annotations
@@ -66,6 +67,25 @@ class Lane:
         channel.on("close", lambda: self._end("channel closed"))
         channel.on("message", lambda m: on_message(self, m))
         channel.on("bufferedamountlow", self._low.set)
+        self._hear_sctp()
+
+    def _hear_sctp(self) -> None:
+        """Count every SCTP chunk from the remote (a SACK, a retransmission, a heartbeat) as
+        a sign of life, not only whole messages: on a lossy path an ordered channel holds
+        messages back behind a lost packet for seconds (retransmission timeouts back off from
+        1 s), while the remote's SACKs keep arriving. aiortc has no hook for this: its
+        transport's ``_receive_chunk`` is wrapped, and without it only messages count."""
+        sctp = getattr(self.pc, "sctp", None)
+        receive = getattr(sctp, "_receive_chunk", None)
+        if sctp is None or receive is None:
+            log.debug("aiortc without RTCSctpTransport._receive_chunk: messages only")
+            return
+
+        async def receive_chunk(chunk: Any) -> None:
+            self.last_rx = time.monotonic()
+            await receive(chunk)
+
+        sctp._receive_chunk = receive_chunk
 
     def __repr__(self) -> str:
         return f"<lane {self.number} {self.stage} {self.kind or ''}>"

@@ -134,6 +134,8 @@ class WebRtcLink:
         if not self._opened.cancelled():
             self._opened.exception()  # retrieved: nobody need be waiting for it any more
         for inc in list(self._incoming.values()):
+            log.info("link %s: rejected transfer %d: %s: the link ended after %d/%d chunks",
+                     self.peer_id, inc.transfer_id, INCOMPLETE, inc.next_index, inc.count)
             self._forget(inc)
             self._transport.stats.reject(INCOMPLETE)  # the link ended mid-transfer
         self._offers.put_nowait({})  # ends _answer_offers
