@@ -128,6 +128,10 @@ class MergeConfig:
     fanout: int | None = option(
         None, "send each epoch's model to K neighbours (default: to every member)",
         "--fanout", kind="int", metavar="K")
+    graph: str = option(
+        "exponential", "the fan-out graph: exponential (a model reaches everyone in about "
+        "log2 N epochs; fewest NATed-NATed links) or ring (K successors, reshuffled per epoch)",
+        "--graph", choices=("exponential", "ring"))
     staleness_exponent: float = option(
         0.5, "a model S epochs behind weighs (S+1)^-A times its samples (0: no decay)",
         "--staleness-exponent", kind="float", metavar="A")
@@ -155,6 +159,8 @@ class MergeConfig:
         "--bootstrap-timeout", kind="float")
 
     def __post_init__(self) -> None:
+        if self.graph not in ("exponential", "ring"):
+            raise ValueError(f"--graph must be exponential or ring, got {self.graph!r}")
         if self.fanout is not None and self.fanout < 1:
             raise ValueError(f"--fanout must be at least 1, got {self.fanout}")
 

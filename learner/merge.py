@@ -8,20 +8,19 @@ validation split (a cheap guard against broken or hostile peers). An optional ro
 (:mod:`learner.robust`: coordinate-wise median, trimmed mean, or norm clipping against our
 model) then combines what the plan admitted, so that one poisoned model cannot drag the merge.
 
-Fan-out: with ``fanout = k`` every peer sends each epoch's model to ``k`` neighbours instead of
-to everybody. The neighbours are a ring over a permutation of the members that every peer
-derives from the job seed and the epoch, so each peer also knows exactly whose models to wait
-for (its ``k`` predecessors), and traffic grows linearly with the swarm.
+Fan-out (``fanout = k``: each peer sends to ``k`` neighbours instead of to everybody, on a graph
+every peer derives alone, so each one knows whose models to wait for) is :mod:`learner.graph`;
+``neighbours`` is re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from learner.graph import neighbours as neighbours  # re-exported (callers, tests)
 from learner.robust import Robust, RobustReport, aggregate
 
 if TYPE_CHECKING:
@@ -144,18 +143,3 @@ def merge_received(policy: MergePolicy, model: nn.Module, epoch: int, samples: i
     return plan, merged
 
 
-def neighbours(members: Sequence[str], me: str, epoch: int, fanout: int | None, seed: int
-               ) -> tuple[list[str], list[str]]:
-    """(send to, expect from) for ``me`` in ``epoch``; ``fanout`` None or >= n-1: everyone."""
-    others = sorted(m for m in set(members) if m != me)
-    if fanout is None or fanout >= len(others):
-        return others, others
-    if fanout < 1:
-        raise ValueError(f"fanout must be at least 1, got {fanout}")
-    ring = sorted([*others, me])
-    random.Random(seed * 1_000_003 + epoch).shuffle(ring)
-    pos = ring.index(me)
-    n = len(ring)
-    send_to = [ring[(pos + i) % n] for i in range(1, fanout + 1)]
-    expect_from = [ring[(pos - i) % n] for i in range(1, fanout + 1)]
-    return send_to, expect_from

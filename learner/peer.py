@@ -134,8 +134,14 @@ class Peer:
         return partners
 
     def _neighbours(self, epoch: int) -> tuple[list[str], list[str]]:
-        return neighbours(self._partners(), self.host.peer_id, epoch, self.config.merge.fanout,
-                          job_seed(self.config.network.job))
+        host = self.host
+        # who has a verified address: the same view on every peer (ours: the dial-back's)
+        public = {pid for pid, member in host.members.items() if member.address}
+        if host.rendezvous is not None and host.rendezvous.reachable_addrs:
+            public.add(host.peer_id)
+        return neighbours(self._partners(), host.peer_id, epoch, self.config.merge.fanout,
+                          job_seed(self.config.network.job), graph=self.config.merge.graph,
+                          public=public)
 
     # ---- the loop ------------------------------------------------------------------------
 

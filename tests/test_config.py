@@ -74,7 +74,7 @@ OLD_FLAGS = {
     "--min-peers", "--min-peers-timeout", "--model", "--no-progress", "--no-resume", "--num",
     "--partition", "--rendezvous", "--robust", "--seed", "--server", "--staleness-exponent",
     "--threads", "--total", "--verbose", "-h", "-v"}
-NEW_FLAGS = {"--lanes"}  # issue 11
+NEW_FLAGS = {"--lanes", "--graph"}  # issues 11, 12
 
 
 def test_the_old_spellings_and_defaults_still_parse() -> None:
