@@ -177,8 +177,10 @@ class NetworkConfig:
         None, "announce this HOST:PORT instead of the listen address (port forwarding)",
         "--advertise", kind="host_port")
     job: str = option("mnist", "swarm name; all peers of a job train the same model", "--job")
-    codec: str = option("raw", "how our model travels: raw, fp16, int8 (blockwise)", "--codec",
-                        choices=CODEC_CHOICES)
+    codec: str = option("raw", "how our model travels: raw, fp16, int8 (blockwise), or auto (a "
+                        "codec per neighbour from its link kind and measured throughput)",
+                        "--codec",
+                        choices=(*CODEC_CHOICES, "auto"))
     limits: Limits | None = option(
         None, "what we accept from other peers (default: sized to our own model)")
     min_peers: int = option(
@@ -196,7 +198,7 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.lanes <= 16:
             raise ValueError(f"--lanes must be 1..16, got {self.lanes}")
-        if self.codec not in CODEC_CHOICES:
+        if self.codec not in (*CODEC_CHOICES, "auto"):
             raise ValueError(f"--codec must be one of {sorted(CODEC_CHOICES)}, "
                              f"got {self.codec!r}")
 

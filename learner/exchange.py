@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from learner.codec_choice import Throughput
 from learner.convert import ModelMismatch, arrays_to_state
 from overlay.errors import TransportError, WireError
 from overlay.host import Host
@@ -101,6 +102,8 @@ class Exchange:
         """The epoch of the last model merged, per sender."""
         self.bytes_sent = 0
         self.models_received = 0
+        self.throughput = Throughput()
+        """Bytes/s of our deliveries, per neighbour (``--codec auto`` reads it)."""
         self.late_sends = 0
         """Deliveries that were still running when a newer model was ready for that peer."""
         self._sends: set[asyncio.Task[None]] = set()
@@ -129,7 +132,9 @@ class Exchange:
 
     async def _send(self, peer_id: str, model: EncodedModel) -> None:
         try:
+            started = time.monotonic()
             await self.host.send_model(peer_id, model)
+            self.throughput.record(peer_id, model.nbytes, time.monotonic() - started)
             self.bytes_sent += model.nbytes
         except TransportError as exc:
             log.warning("could not deliver our model to %s: %s", peer_id, exc)

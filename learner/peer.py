@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Subset
 
 from learner import bootstrap, checkpoint
 from learner.averaging import fingerprint
+from learner.codec_choice import pick_codec
 from learner.config import PeerConfig
 from learner.convert import state_to_arrays
 from learner.events import EventLog
@@ -98,6 +100,8 @@ class Peer:
         self.val_loader: DataLoader[Any] | None = None
         self.bootstrapped_from: list[str] = []
         self._mismatched: set[str] = set()
+        self.bytes_saved = 0
+        """Bytes our codecs saved against raw models so far (all neighbours)."""
         self.checkpoint_file = config.files.checkpoint_file or os.path.join(
             DATA_HOME, f"{config.network.job}-peer-{config.num}.ckpt")
 
@@ -271,13 +275,21 @@ class Peer:
                  epoch, train_s, stats["loss"], before["accuracy"])
 
         send_to, expect_from = self._neighbours(epoch)
-        encoded = await self._encode(epoch)
-        exchange.send(encoded, send_to)
-        log.info("epoch %d: sending to %d peers (%.2f MB each, %s)", epoch, len(send_to),
-                 encoded.nbytes / 1e6, encoded.codec)
-        # before any byte leaves: what a receiver merges can be traced to this digest
-        self.events.emit("sending", epoch=epoch, digest=encoded.digest.hex(), sent_to=send_to,
-                         bytes=encoded.nbytes)
+        codecs = self._codecs_for(send_to)
+        raw_bytes = self._raw_bytes()
+        for codec in sorted(set(codecs.values())):
+            peers = [pid for pid in send_to if codecs[pid] == codec]
+            encoded = await self._encode(epoch, codec)
+            exchange.send(encoded, peers)
+            saved = max(raw_bytes - encoded.nbytes, 0) * len(peers)
+            self.bytes_saved += saved
+            log.info("epoch %d: sending to %d peers (%.2f MB each, %s%s)", epoch, len(peers),
+                     encoded.nbytes / 1e6, encoded.codec,
+                     f", {saved / 1e6:.1f} MB saved" if saved else "")
+            # before any byte leaves: what a receiver merges can be traced to this digest
+            self.events.emit("sending", epoch=epoch, digest=encoded.digest.hex(),
+                             sent_to=peers, bytes=encoded.nbytes, codec=encoded.codec,
+                             bytes_saved=saved)
 
         received = await exchange.collect(epoch, expect_from)
         plan, merged = await asyncio.to_thread(self._merge, received)
@@ -296,14 +308,17 @@ class Peer:
                   "refused": plan.refused, "sent_to": send_to,
                   "robust": (plan.robust.as_record() if plan.robust else  # nothing merged
                              {"rule": str(self.policy.robust), "models": 1}),
-                  "bytes_sent": exchange.bytes_sent,
+                  "bytes_sent": exchange.bytes_sent, "bytes_saved": self.bytes_saved,
+                  "codecs": codecs,
                   "models_received": exchange.models_received,
                   "merged_digests": {pid: received[pid].digest.hex() for pid in merged},
                   "rejected": self.rejected()}
         self.events.emit("epoch", **record)
         await host.report(epoch, {"acc_before": before["accuracy"],
                                   "acc_after": after["accuracy"],
-                                  "merged": len(merged), "bytes_sent": exchange.bytes_sent})
+                                  "merged": len(merged), "bytes_sent": exchange.bytes_sent,
+                                  "bytes_saved": self.bytes_saved,
+                                  "codecs": _codec_summary(codecs)})
         return record
 
     def _merge(self, received: dict[str, Incoming]) -> tuple[MergePlan, list[str]]:
@@ -312,16 +327,37 @@ class Peer:
                               self_key=self.host.peer_id, val_loader=self.val_loader,
                               device=self.device)
 
-    def _outgoing(self, epoch: int) -> OutgoingModel:
+    def _outgoing(self, epoch: int, codec: str) -> OutgoingModel:
         """Our current model, copied out: what we send to the neighbours after training and
         serve (publish) after merging. Runs in a worker thread."""
         return OutgoingModel(job=self.config.network.job, sender=self.host.peer_id,
-                             epoch=epoch, samples=self.samples, codec=self.config.network.codec,
+                             epoch=epoch, samples=self.samples, codec=codec,
                              arrays=state_to_arrays(self.model.state_dict(), copy=True))
 
-    async def _encode(self, epoch: int) -> EncodedModel:
-        """Our current model, encoded once for every neighbour; nothing of it on the loop."""
-        return await self.host.encode(await asyncio.to_thread(self._outgoing, epoch))
+    async def _encode(self, epoch: int, codec: str | None = None) -> EncodedModel:
+        """Our current model, encoded once for every neighbour of ``codec`` (default: the
+        configured one; ``auto`` serves raw); nothing of it on the loop."""
+        if codec is None:
+            codec = self.config.network.codec
+        if codec == "auto":
+            codec = "raw"
+        return await self.host.encode(await asyncio.to_thread(self._outgoing, epoch, codec))
+
+    def _codecs_for(self, peers: Sequence[str]) -> dict[str, str]:
+        """The codec for each neighbour: the configured one, or with ``--codec auto`` one per
+        link kind and measured throughput (learner.codec_choice)."""
+        codec = self.config.network.codec
+        if codec != "auto":
+            return dict.fromkeys(peers, codec)
+        chosen = {}
+        for pid in peers:
+            link = self.host.links.get(pid)
+            chosen[pid] = pick_codec(link.kind if link is not None else None,
+                                     self.exchange.throughput.get(pid))
+        return chosen
+
+    def _raw_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
     async def _finish(self) -> None:
         """Give outstanding deliveries and late fetches a moment, then leave."""
@@ -343,3 +379,11 @@ class Peer:
 async def run_peer(config: PeerConfig) -> dict[str, Any]:
     """Run one peer to the end; returns its summary (Python API: ``asyncio.run(run_peer(c))``)."""
     return await Peer(config).run()
+
+
+def _codec_summary(codecs: Mapping[str, str]) -> str:
+    """``"int8:2,raw:1"``: how many neighbours got which codec (a flat metric for reports)."""
+    counts: dict[str, int] = {}
+    for codec in codecs.values():
+        counts[codec] = counts.get(codec, 0) + 1
+    return ",".join(f"{c}:{n}" for c, n in sorted(counts.items()))

@@ -71,3 +71,27 @@ def test_mixed_swarm_public_zmq_peer_and_two_natted_peers(lab_services: LabSwarm
     assert _links(swarm, 1)[ids[2]] == "webrtc-relay"
     assert _links(swarm, 2)[ids[1]] == "webrtc-relay"
     _assert_everyone_merged_everyone(swarm, ids)
+
+
+def test_codec_auto_picks_per_link_kind(lab_services: LabSwarm) -> None:
+    """--codec auto in one swarm: raw to the public peer over ZeroMQ, int8 through the relay
+    between the two NATed peers that need it (symmetric x port-restricted)."""
+    lab, swarm = lab_services.lab, lab_services.swarm
+    public = lab.add_public_host("pub")
+    cone = lab.add_home("pr", NatType.PORT_RESTRICTED)
+    sym = lab.add_home("sy", NatType.SYMMETRIC)
+    peers = [(public, f"{public.ip}:6000"), (cone.host, None), (sym.host, None)]
+    for num, (host, listen) in enumerate(peers):
+        swarm.start_peer(num, len(peers), 3, "--merge-wait", "120", "--codec", "auto",
+                         host=host, listen=listen)  # type: ignore[arg-type]
+    codes = swarm.wait_peers(900)
+    assert all(code == 0 for code in codes.values()), f"exit codes {codes}"
+    ids = {n: swarm.events(n, "start")[0]["peer_id"] for n in range(len(peers))}
+    for num in (1, 2):  # the NATed peers, in the last epoch (every link up by then)
+        last = swarm.events(num, "epoch")[-1]
+        other = ids[3 - num]
+        assert _links(swarm, num)[other] == "webrtc-relay"
+        assert last["codecs"][ids[0]] == "raw" and last["codecs"][other] == "int8", last
+        assert last["bytes_saved"] > 0
+        codecs = {e["codec"] for e in swarm.events(num, "sending")}
+        assert {"raw", "int8"} <= codecs, codecs
