@@ -79,8 +79,8 @@ class AttackingPeer(Peer):
         super().__init__(config)
         self.attack = attack
 
-    def _outgoing(self, epoch: int) -> OutgoingModel:
-        honest = super()._outgoing(epoch)
+    def _outgoing(self, epoch: int, codec: str) -> OutgoingModel:
+        honest = super()._outgoing(epoch, codec)
         state = self.attack.corrupt(self.model.state_dict(), epoch)
         log.info("epoch %d: sending a poisoned model (%s)", epoch, self.attack)
         return replace(honest, arrays=state_to_arrays(state, copy=True))
