@@ -8,15 +8,13 @@ checked (digest, signature, limits) and handed to the learner's ``accept`` in a 
 what ``accept`` returns is what the learner gets. Wire frames and request ids stay in here;
 the host knows nothing about torch.
 
-The host is the transports' :class:`overlay.transport.base.Directory`: a member's verified
-address, its Ed25519 key, and the member a CURVE key belongs to (a forward map, kept for the
-members we know: no key conversion runs backwards).
+The transports' :class:`overlay.transport.base.Directory` (addresses and keys of the members)
+is ``host.directory`` (overlay.directory); models in pieces go through overlay.piece_transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import logging
 import secrets
@@ -27,19 +25,14 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, cast, overload
 
 from overlay.connections import Connections, link_report
+from overlay.directory import MemberDirectory
 from overlay.errors import SignalError, TransportError, WireError
 from overlay.events import Joined, LinkUp, MemberEvent
-from overlay.identity import Identity, curve_public_key_from_ed25519
+from overlay.identity import Identity
 from overlay.membership import JobPolicy, Member
 from overlay.models import EncodedModel, OutgoingModel, ReceivedModel
-from overlay.pieces import (
-    PIECE_BYTES,
-    PIECE_BYTES_ZMQ,
-    WINDOW,
-    PieceStore,
-    piece_bytes_of,
-    piece_plan,
-)
+from overlay.piece_transfer import PieceReceiver, check_ack, send_pieces
+from overlay.pieces import PIECE_BYTES, PIECE_BYTES_ZMQ, PieceStore
 from overlay.protocol import SignalKind
 from overlay.rendezvous_client import RendezvousClient
 from overlay.signaling import SignalGuard, seal
@@ -50,7 +43,6 @@ from overlay.wire import (
     FrameType,
     Limits,
     ModelMessage,
-    decode_header,
     decode_model,
     encode_control,
     model_parts,
@@ -152,22 +144,20 @@ class Host(Generic[T]):
                                                                _as_is)
         self._on_member_event = on_member_event
         self._current: EncodedModel | None = None
+        self.directory = MemberDirectory(lambda: self.members)
+        """The transports' directory: addresses and keys of our members."""
         self.transport = ZmqTransport(identity, config.listen, self._on_message, config.limits,
-                                      directory=self)
+                                      directory=self.directory)
         self.webrtc: WebRtcTransport | None = None
         self.rendezvous: RendezvousClient | None = None
         self.connections: Connections | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._peer_of_curve: dict[bytes, str] = {}
-        self._curve_of: dict[str, bytes] = {}
         self.state = HostState.NEW
-        self._signal_guard = SignalGuard(identity.peer_id, config.job, self.public_key_of)
+        self._signal_guard = SignalGuard(identity.peer_id, config.job, self.directory.public_key_of)
         """Opens the sealed signals addressed to us (overlay.signaling)."""
         self.pieces = PieceStore(config.limits)
         """Models being received in pieces, by sender (overlay.pieces)."""
-        self._completed: dict[tuple[str, bytes], bytes] = {}
-        """The answer to the piece that completed a model, by (sender, digest): resent to a
-        sender that did not get it (its link broke) instead of opening the model again."""
+        self._pieces_in = PieceReceiver(self.pieces, config.limits)
 
     def _set_state(self, new: HostState) -> None:
         old = self.state
@@ -225,7 +215,7 @@ class Host(Generic[T]):
             connect_timeout=self.config.connect_timeout, lanes=self.config.lanes,
         )
         self.connections = Connections(
-            self, self.transport, self.webrtc,
+            self.directory, self.transport, self.webrtc,
             connect_timeout=self.config.connect_timeout,
             backoff_initial=self.config.backoff_initial, backoff_max=self.config.backoff_max,
             on_link_up=self._link_up,
@@ -261,12 +251,10 @@ class Host(Generic[T]):
             if isinstance(event, Joined):
                 log.info("peer joined: %s (%s)", event.peer_id,
                          event.member.address or "behind NAT")
-                self._remember_curve_key(event.member)
+                self.directory.remember(event.member)
             else:
                 log.info("peer left: %s (%s)", event.peer_id, event.reason)
-                curve = self._curve_of.pop(event.peer_id, None)
-                if curve is not None:
-                    self._peer_of_curve.pop(curve, None)
+                self.directory.forget(event.peer_id)
                 await self.connections.forget(event.peer_id)
             self._notify(event)
             self.changed.set()
@@ -300,42 +288,6 @@ class Host(Generic[T]):
         assert self.rendezvous is not None
         await self.rendezvous.send_signal(to, kind, seal(self.identity, to, self.config.job,
                                                          kind, body))
-
-    # ---- the directory (overlay.transport.base.Directory) ----------------------------------
-
-    def address_of(self, peer_id: str) -> str | None:
-        member = self.members.get(peer_id)
-        return member.address if member is not None else None
-
-    def public_key_of(self, peer_id: str) -> bytes | None:
-        member = self.members.get(peer_id)
-        return member.public_key if member is not None else None
-
-    def peer_of_curve_key(self, curve_public_key: bytes) -> str | None:
-        """The member whose identity gives this CURVE key, or None. A forward map, filled on
-        ``joined`` and emptied on ``left``; on a miss, members whose event is still on its
-        way (or who came in the welcome) are converted and added first."""
-        peer_id = self._peer_of_curve.get(curve_public_key)
-        if peer_id is None:
-            for pid, known in list(self.members.items()):
-                if pid not in self._curve_of:
-                    self._remember_curve_key(known)
-            peer_id = self._peer_of_curve.get(curve_public_key)
-        member = self.members.get(peer_id) if peer_id is not None else None
-        if member is None or self._curve_of.get(member.peer_id) != curve_public_key:
-            return None
-        return member.peer_id
-
-    def _remember_curve_key(self, member: Member) -> None:
-        try:
-            curve = curve_public_key_from_ed25519(member.public_key)
-        except ValueError:  # the rendezvous checked the key; libsodium refuses it anyway
-            return
-        old = self._curve_of.get(member.peer_id)
-        if old is not None and old != curve:
-            self._peer_of_curve.pop(old, None)
-        self._curve_of[member.peer_id] = curve
-        self._peer_of_curve[curve] = member.peer_id
 
     # ---- incoming ------------------------------------------------------------------------
 
@@ -383,40 +335,7 @@ class Host(Generic[T]):
 
     async def _take_piece(self, header: dict[str, Any], payloads: list[memoryview],
                           origin: str) -> bytes:
-        """One piece of a model (overlay.pieces): ``ack {have}``, or the model's own answer
-        once the piece completed it."""
-        request_id = header.get("request_id")
-        if len(payloads) != 1:
-            raise WireError("bad_piece", f"a piece carries one payload, not {len(payloads)}")
-        digest = header.get("model")
-        done = self._completed.get((origin, digest)) if isinstance(digest, bytes) else None
-        if done is not None:
-            return done
-        partial = self.pieces.add(origin, header, payloads[0])
-        if not partial.complete:
-            return encode_control(FrameType.ACK, request_id=request_id, have=partial.have)
-        frames = partial.frames()
-        model_header = decode_header(frames[0], self.config.limits)
-        if model_header.get("type") != FrameType.MODEL.value:
-            raise WireError("bad_piece", "the pieces do not make a model")
-        if model_header.get("digest") != partial.digest:
-            raise WireError("bad_piece", "the model's digest is not the one its pieces named")
-        try:
-            digest = await self._take_model(model_header, frames[1:], origin)
-        except WireError as exc:
-            answer = encode_control(FrameType.NACK, request_id=request_id, reason=exc.reason,
-                                    message=str(exc)[:200])
-            self._remember_answer(origin, partial.digest, answer)
-            raise
-        answer = encode_control(FrameType.ACK, request_id=request_id, digest=digest,
-                                have=partial.total)
-        self._remember_answer(origin, partial.digest, answer)
-        return answer
-
-    def _remember_answer(self, origin: str, digest: bytes, answer: bytes) -> None:
-        self._completed[(origin, digest)] = answer
-        while len(self._completed) > 64:
-            del self._completed[next(iter(self._completed))]
+        return await self._pieces_in.take(header, payloads, origin, self._take_model)
 
     def receiving_from(self, peer_id: str) -> float | None:
         """When a piece of a model from ``peer_id`` last arrived (monotonic) while that model
@@ -430,7 +349,7 @@ class Host(Generic[T]):
         if header.get("sender") != origin:  # a signed model relayed or replayed by another
             raise WireError("sender_mismatch",
                             f"a model signed as {header.get('sender')!r} came from {origin}")
-        msg = decode_model(header, payloads, self.public_key_of, self.config.limits)
+        msg = decode_model(header, payloads, self.directory.public_key_of, self.config.limits)
         if msg.job != self.config.job:
             raise WireError("wrong_job", f"model for job {msg.job!r}")
         received = ReceivedModel(sender=msg.sender, job=msg.job, epoch=msg.epoch,
@@ -490,80 +409,18 @@ class Host(Generic[T]):
         """
         started = time.monotonic()
         if model.nbytes > self._piece_bytes(peer_id):
-            await self._send_pieces(peer_id, model)
+            await send_pieces(self._request, peer_id, model, self._piece_bytes(peer_id),
+                              job=self.config.job, sender=self.peer_id,
+                              send_timeout=self.config.send_timeout,
+                              stall_timeout=self.config.stall_timeout)
         else:
             request_id = secrets.token_hex(8)
             frames: Frames = [pack_header(model.header, request_id=request_id),
                               *model.payloads]
             header, _ = await self._request(peer_id, frames, request_id,
                                             self.config.send_timeout)
-            _check_ack(peer_id, header)
+            check_ack(peer_id, header)
         log.debug("delivered to %s in %.2f s", peer_id, time.monotonic() - started)
-
-    async def _send_pieces(self, peer_id: str, model: EncodedModel) -> None:
-        frames = [memoryview(pack_header(model.header)), *model.payloads]
-        lengths = [f.nbytes for f in frames]
-        todo = collections.deque(piece_plan(sum(lengths), self._piece_bytes(peer_id)))
-        base = {"job": self.config.job, "sender": self.peer_id, "model": model.digest,
-                "frames": lengths}
-        progress = [time.monotonic(), 0]  # last acknowledged, bytes acknowledged
-        finished = asyncio.Event()
-        retries = 0
-
-        async def worker() -> None:
-            nonlocal retries
-            while todo and not finished.is_set():
-                offset, length = todo.popleft()
-                request_id = secrets.token_hex(8)
-                head = encode_control(FrameType.PIECE, request_id=request_id, offset=offset,
-                                      **base)
-                try:
-                    header, _ = await self._request(
-                        peer_id, [head, piece_bytes_of(frames, offset, length)], request_id,
-                        self.config.send_timeout)
-                except TransportError as exc:
-                    if not progress[1]:  # nothing acknowledged yet: nothing to resume
-                        raise
-                    todo.appendleft((offset, length))  # again, once the link is back
-                    retries += 1
-                    log.info("piece at %d to %s failed (%s); sending it again", offset,
-                             peer_id, exc)
-                    await asyncio.sleep(min(0.2 * retries, 2.0))
-                    continue
-                _check_ack(peer_id, header)
-                progress[0] = time.monotonic()
-                progress[1] += length
-                if "digest" in header:
-                    finished.set()
-
-        workers = [asyncio.create_task(worker(), name=f"piece-{peer_id[:8]}")
-                   for _ in range(WINDOW)]
-        done_waiter = asyncio.create_task(finished.wait())
-        try:
-            while not finished.is_set():
-                alive = [w for w in workers if not w.done()]
-                for w in workers:
-                    if w.done() and not w.cancelled() and w.exception() is not None:
-                        raise w.exception()  # type: ignore[misc]
-                if not alive:
-                    raise TransportError(f"{peer_id}: every piece was sent but the model "
-                                         "was not confirmed")
-                wait = progress[0] + self.config.stall_timeout - time.monotonic()
-                if wait <= 0:
-                    raise TransportError(
-                        f"{peer_id}: delivery stalled, no piece acknowledged for "
-                        f"{self.config.stall_timeout:.0f} s ({progress[1]}/{sum(lengths)} "
-                        "bytes)")
-                await asyncio.wait([*alive, done_waiter], timeout=min(wait, 1.0),
-                                   return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            tasks: list[asyncio.Task[Any]] = [*workers, done_waiter]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*workers, done_waiter, return_exceptions=True)
-        if retries:
-            log.info("delivered to %s after %d piece retries (resumed, not restarted)",
-                     peer_id, retries)
 
     async def fetch_model(self, peer_id: str) -> T:
         """Ask ``peer_id`` for its current model (newcomer bootstrap); what ``accept`` made
@@ -607,8 +464,3 @@ class Host(Generic[T]):
             counts[self.webrtc.name] = dict(self.webrtc.stats.rejected)
         return counts
 
-
-def _check_ack(peer_id: str, header: dict[str, Any]) -> None:
-    if header["type"] != FrameType.ACK.value:
-        raise TransportError(f"{peer_id} refused our model: {header.get('reason')}"
-                             f" {header.get('message', '')}")
