@@ -14,15 +14,12 @@ changed only by :meth:`WebRtcLink._set_state`). The smaller peer id offers:
   concurrent transfers (the pieces of a model, overlay.pieces) stripe over independent SCTP
   windows: on links with delay or loss one aiortc association fills a fraction of the link.
 - **Heartbeat.** Every ``heartbeat_interval`` each lane sends a ``PING`` chunk unless data is
-  queued on it; a lane silent for ``dead_after`` seconds (nothing received and our send
-  buffer not drained: the remote acknowledges nothing) fails the link, so a vanished peer
-  is noticed in seconds instead of aiortc's ~30 s.
+  queued on it; a lane silent for ``dead_after`` seconds (no SCTP chunk from the remote and
+  our send buffer not drained) fails the link: a vanished peer is noticed in seconds, not
+  aiortc's ~30 s.
 
-Over a lane a message is a transfer of chunks (overlay.transport.chunks): the receiver checks
-a first chunk before it keeps anything, gives a transfer up when it stalls
-(``chunk_idle_timeout``) or crawls below ``min_rate`` (a bound that grows with the size), and
-reports a refused one to its sender (``REJECT``), whose request then fails at once. The
-sender paces itself by ``bufferedAmount`` per lane.
+A message is a transfer of chunks (overlay.transport.chunks), paced by ``bufferedAmount`` per
+lane; receiving, deadlines and refusals are overlay.transport.webrtc_inbound's.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiortc import RTCDataChannel
 
-from overlay.errors import TransportError, WireError
+from overlay.errors import TransportError
 from overlay.protocol import SignalKind
 from overlay.transport.base import Frames, LinkKind, Reply
 from overlay.transport.chunks import (
@@ -43,16 +40,12 @@ from overlay.transport.chunks import (
     Assembly,
     ChunkError,
     ChunkFlag,
-    ChunkHeader,
-    check_first_chunk,
     control_chunk,
-    control_reason,
     iter_chunks,
 )
 from overlay.transport.ice import IceStage
-from overlay.transport.serving import INCOMPLETE, serve_request
+from overlay.transport.webrtc_inbound import Inbound
 from overlay.transport.webrtc_lane import HIGH_WATER, LOW_WATER, Lane
-from overlay.wire import decode_header
 
 if TYPE_CHECKING:
     from overlay.transport.webrtc import WebRtcTransport
@@ -109,11 +102,7 @@ class WebRtcLink:
         self._outgoing: dict[int, str] = {}  # our transfer id -> request_id, until replied
         self._sending: set[int] = set()  # our transfer ids being sent
         self._refused: dict[int, str] = {}  # of those, the ones the remote refused, and why
-        # receiving
-        self._incoming: dict[int, Assembly] = {}
-        self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._max_started = -1
-        self._requests_active = 0
+        self._inbound = Inbound(self)  # receiving (overlay.transport.webrtc_inbound)
 
     # ---- state -----------------------------------------------------------------------------
     def _set_state(self, new: LinkState, reason: str) -> None:
@@ -133,11 +122,7 @@ class WebRtcLink:
                 fut.set_exception(error)
         if not self._opened.cancelled():
             self._opened.exception()  # retrieved: nobody need be waiting for it any more
-        for inc in list(self._incoming.values()):
-            log.info("link %s: rejected transfer %d: %s: the link ended after %d/%d chunks",
-                     self.peer_id, inc.transfer_id, INCOMPLETE, inc.next_index, inc.count)
-            self._forget(inc)
-            self._transport.stats.reject(INCOMPLETE)  # the link ended mid-transfer
+        self._inbound.drop_all()
         self._offers.put_nowait({})  # ends _answer_offers
         current = asyncio.current_task()
         for task in (self._runner, self._heart):
@@ -162,6 +147,17 @@ class WebRtcLink:
         if lane is None:
             raise TransportError(f"{self.peer_id}: no peer connection")
         return lane.channel
+
+    @property
+    def _incoming(self) -> dict[int, Assembly]:
+        return self._inbound.incoming
+
+    @property
+    def _requests_active(self) -> int:
+        return self._inbound.requests_active
+
+    def incoming_progress(self) -> float | None:
+        return self._inbound.progress()
 
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "connect_s": self.connect_s, "state": str(self.state),
@@ -490,178 +486,9 @@ class WebRtcLink:
         try:
             if not isinstance(message, bytes):
                 raise ChunkError("bad_chunk", "text message on the data channel")
-            self._on_chunk(message, lane)
+            self._inbound.on_chunk(message, lane)
         except ChunkError as exc:
-            self._reject(None, exc.reason, str(exc), lane)
-
-    def _control(self, lane: Lane | None, message: bytes) -> None:
-        """Send a control chunk back on ``lane`` (or any open lane) if we can."""
-        target = lane if lane is not None and lane.is_open else next(
-            (x for x in self.lanes if x.is_open), None)
-        if target is not None and self.is_open:
-            target.send(message)
-
-    def _reject(self, tid: int | None, reason: str, message: str,
-                lane: Lane | None = None) -> None:
-        """Count and log a refused chunk or transfer; free the transfer and tell the sender."""
-        self._transport.stats.reject(reason)
-        if not message.startswith(f"{reason}: "):  # the log line names the counted reason
-            message = f"{reason}: {message}"
-        log.warning("link %s: rejected %s: %s", self.peer_id,
-                    f"transfer {tid}" if tid is not None else "a chunk", message)
-        if tid is None:
-            return
-        inc = self._incoming.get(tid)
-        if inc is not None:
-            self._forget(inc)
-        self._control(lane, control_chunk(ChunkFlag.REJECT, tid, reason))
-
-    def _forget(self, inc: Assembly) -> None:
-        """Drop a transfer that is being reassembled and free its memory."""
-        if self._incoming.pop(inc.transfer_id, None) is not None and not inc.reply:
-            self._requests_active -= 1
-        timer = self._timers.pop(inc.transfer_id, None)
-        if timer is not None:
-            timer.cancel()
-        inc.free()
-
-    def _on_refusal(self, tid: int, message: bytes) -> None:
-        """The remote refused our transfer ``tid``: fail its request at once."""
-        reason = control_reason(message)
-        request_id = self._outgoing.get(tid)
-        log.info("link %s: our transfer %d was refused: %s", self.peer_id, tid, reason)
-        if tid in self._sending:
-            self._refused[tid] = reason
-        fut = self._pending.get(request_id) if request_id is not None else None
-        if fut is not None and not fut.done():
-            fut.set_exception(TransportError(f"{self.peer_id}: refused ({reason})"))
-
-    def _on_chunk(self, message: bytes, lane: Lane | None) -> None:
-        head = ChunkHeader.unpack(message)
-        tid = head.transfer_id
-        if head.flags == ChunkFlag.PING:
-            return
-        if head.flags == ChunkFlag.REJECT:
-            self._on_refusal(tid, message)
-            return
-        inc = self._incoming.get(tid)
-        if head.flags == ChunkFlag.ABORT:
-            if inc is not None:
-                self._transport.stats.reject("aborted")
-                log.info("link %s: transfer %d aborted by the sender", self.peer_id, tid)
-                self._forget(inc)
-            return
-        if inc is None:
-            if head.index != 0 and tid <= self._max_started:
-                log.debug("link %s: dropping a chunk of ended transfer %d", self.peer_id, tid)
-                return
-            inc = self._begin(head, lane)
-            if inc is None:
-                return
-        try:
-            done = inc.add(head, memoryview(message)[CHUNK_HEADER.size :], time.monotonic())
-        except ChunkError as exc:
-            self._reject(tid, exc.reason, str(exc), lane)
-            return
-        if done:
-            self._complete(inc, lane)
-
-    def _begin(self, head: ChunkHeader, lane: Lane | None) -> Assembly | None:
-        """The assembly of a new transfer, or None if its first chunk is refused (counted,
-        logged and reported to the sender); ChunkError for a transfer that starts midway."""
-        tid = head.transfer_id
-        if head.index != 0:
-            raise ChunkError("bad_chunk", f"transfer {tid} starts at chunk {head.index}")
-        self._max_started = max(self._max_started, tid)
-        try:
-            check_first_chunk(head, self._transport.limits)
-            if head.is_reply and sum(i.reply for i in self._incoming.values()) >= len(
-                    self._pending):
-                raise ChunkError("unexpected_reply", "more replies than requests in flight")
-            if not head.is_reply and self._requests_active >= self._transport.max_transfers:
-                raise ChunkError("too_many_transfers",
-                                 f"{self._requests_active} requests in progress")
-        except ChunkError as exc:
-            self._reject(tid, exc.reason, str(exc), lane)  # not registered yet
-            return None
-        inc = Assembly.allocate(head, time.monotonic())
-        self._incoming[tid] = inc
-        if not inc.reply:
-            self._requests_active += 1
-        self._arm(inc)
-        return inc
-
-    def _arm(self, inc: Assembly) -> None:
-        t = self._transport
-        deadline = inc.deadline(t.chunk_idle_timeout, t.min_rate)
-        self._timers[inc.transfer_id] = self._loop.call_at(
-            self._loop.time() + max(0.0, deadline - time.monotonic()), self._expire, inc
-        )
-
-    def _expire(self, inc: Assembly) -> None:
-        if self._incoming.get(inc.transfer_id) is not inc:
-            return
-        t = self._transport
-        problem = inc.overdue(time.monotonic(), t.chunk_idle_timeout, t.min_rate)
-        if problem is None:
-            self._arm(inc)
-        else:
-            self._reject(inc.transfer_id, problem.reason, str(problem))
-
-    def _complete(self, inc: Assembly, lane: Lane | None) -> None:
-        timer = self._timers.pop(inc.transfer_id, None)
-        if timer is not None:
-            timer.cancel()
-        try:
-            frames = inc.frames()
-        except ChunkError as exc:
-            self._reject(inc.transfer_id, exc.reason, str(exc), lane)
-            return
-        # A request keeps its slot (_requests_active) until it has been handled.
-        self._incoming.pop(inc.transfer_id, None)
-        stats = self._transport.stats
-        stats.messages_in += 1
-        stats.bytes_in += inc.total_len
-        if inc.reply:
-            self._deliver_reply(frames)
-        else:
-            self._transport.tasks.spawn(self._serve(frames, lane),
-                                        f"webrtc-serve-{self.peer_id}")
-
-    def _deliver_reply(self, frames: list[memoryview]) -> None:
-        try:
-            header = decode_header(frames[0], self._transport.limits)
-        except WireError as exc:
-            self._transport.stats.reject(exc.reason)
-            log.warning("link %s: rejected a reply: %s", self.peer_id, exc)
-            return
-        request_id = header.get("request_id")
-        fut = self._pending.get(request_id) if isinstance(request_id, str) else None
-        if fut is None or fut.done():
-            log.debug("link %s: dropping a stale reply", self.peer_id)
-            return
-        fut.set_result((header, frames[1:]))
-
-    async def _serve(self, frames: list[memoryview], lane: Lane | None) -> None:
-        t = self._transport
-        try:
-            reply = await serve_request(frames[0], frames[1:], self.peer_id, handler=t.handler,
-                                        limits=t.limits, stats=t.stats,
-                                        log_prefix=f"link {self.peer_id}: ")
-        finally:
-            self._requests_active -= 1
-        if reply is None:
-            return
-        try:
-            await self.send_message(reply, reply=True, lane=lane)
-        except TransportError as exc:
-            log.info("link %s: could not reply: %s", self.peer_id, exc)
-
-    def incoming_progress(self) -> float | None:
-        """When a chunk of an incoming request last arrived (monotonic), None if none is
-        being received."""
-        times = [inc.last for inc in self._incoming.values() if not inc.reply]
-        return max(times) if times else None
+            self._inbound.reject(None, exc.reason, str(exc), lane)
 
 
 async def _close_all(lanes: list[Lane]) -> None:
