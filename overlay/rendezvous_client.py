@@ -7,11 +7,8 @@
 drops, the client reconnects with exponential back-off, joins again and reconciles: members
 missing from the new welcome give ``Left(peer_id, "lost")``, new ones ``Joined(member)``.
 
-ICE servers: the welcome's ``ice_servers`` (with the TURN credentials that the rendezvous made
-for us) are kept in ``ice_servers``; when they expire (``ice_ttl``, or the ``expiry:user``
-username), ``ice_expires_at`` says when, and a renewal task asks ``refresh_ice`` at
-``ICE_RENEW_AT`` (80 %) of their lifetime, retrying with back-off; a reconnect's welcome brings
-fresh ones too. A renewal that fails keeps the current list (never an empty one).
+ICE servers: ``ice_servers`` are the welcome's (with the TURN credentials the rendezvous made
+for us), renewed with ``refresh_ice`` before they expire (``ice``: overlay.ice_credentials).
 
 Its state (:class:`ClientState`) changes in ``_set_state`` only: ``new -> connecting ->
 connected -> reconnecting -> connected ... -> closed``.
@@ -29,7 +26,6 @@ import contextlib
 import enum
 import logging
 import random
-import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +34,8 @@ import aiohttp
 
 from overlay.errors import ProtocolError, RendezvousError, RendezvousRefused
 from overlay.events import Joined, Left
+from overlay.ice_credentials import ICE_REFRESH_TIMEOUT, IceCredentials
+from overlay.ice_credentials import ice_expiry as ice_expiry  # re-exported
 from overlay.identity import Identity
 from overlay.membership import JobPolicy, Member, refusal_message
 from overlay.protocol import (
@@ -68,28 +66,6 @@ SIGNAL_QUEUE_MAX = 1024
 """Received signals kept for a slow reader; more are dropped (and logged)."""
 MAX_REFUSED_LOGGED = 4096
 """Members refused by our job policy that we remember having logged (each is logged once)."""
-ICE_RENEW_AT = 0.8
-"""Renew the TURN credentials once this fraction of their lifetime has passed."""
-ICE_REFRESH_TIMEOUT = 5.0
-"""Bound on one ``refresh_ice`` round trip (no ``ice_servers`` by then: retry with back-off)."""
-ICE_MIN_LIFETIME = 1.0
-"""Credentials that live less than this are renewed this often at the most (a clock skew or a
-tiny ``turn_ttl`` must not turn renewal into a busy loop)."""
-_REST_USERNAME = re.compile(r"^(\d{1,12}):")  # TURN REST API: "<expiry unix time>:<user>"
-
-
-def ice_expiry(ice_servers: Sequence[Mapping[str, Any]]) -> float | None:
-    """The earliest expiry (Unix time) in TURN REST API usernames (``expiry:user``) among
-    ``ice_servers``; None when none has one."""
-    stamps = [
-        int(match.group(1))
-        for server in ice_servers
-        if isinstance(server.get("username"), str)
-        and (match := _REST_USERNAME.match(server["username"])) is not None
-    ]
-    return float(min(stamps)) if stamps else None
-
-
 def normalize_url(url: str) -> str:
     """``host:port`` / ``http://host:port`` / ``ws://host:port`` -> ``ws://host:port/ws``."""
     if "://" not in url:
@@ -166,16 +142,8 @@ class RendezvousClient:
         self.peer_id: str = identity.peer_id
         self.members: dict[str, Member] = {}
         self.reachable_addrs: list[str] = []
-        self.ice_servers: list[dict[str, Any]] = []
-        """The ICE servers to use now (asked for every new WebRTC peer connection)."""
-        self.ice_expires_at: float | None = None
-        """Unix time at which the TURN credentials in ``ice_servers`` expire (the rendezvous'
-        ``ice_ttl`` from when we got them, else the username's stamp); None: they do not."""
-        self.ice_renewals = 0
-        """How many times ``refresh_ice`` brought fresh ICE servers (a welcome does not count)."""
-        self._ice_renew_at: float | None = None  # monotonic; None: nothing to renew
-        self._ice_lifetime = 0.0
-        self._ice_changed = asyncio.Event()  # set whenever ice_servers are replaced
+        self.ice = IceCredentials(backoff_initial, backoff_max)
+        """The ICE servers to use now and their renewal (overlay.ice_credentials)."""
         self.observed_ip: str | None = None
         self.heartbeat_interval: float = 5.0
         self.events: asyncio.Queue[ClientEvent] = asyncio.Queue()
@@ -223,7 +191,8 @@ class RendezvousClient:
         self._tasks = [
             asyncio.create_task(self._run(), name=f"rendezvous-client-{self.peer_id[:8]}"),
             asyncio.create_task(self._heartbeat_loop(), name="rendezvous-heartbeat"),
-            asyncio.create_task(self._ice_loop(), name="rendezvous-ice-renewal"),
+            asyncio.create_task(self.ice.renew_loop(lambda: self._refresh_ice()),
+                                name="rendezvous-ice-renewal"),
         ]
         return welcome
 
@@ -359,7 +328,7 @@ class RendezvousClient:
         self.peer_id = welcome["peer_id"]
         self.observed_ip = welcome["observed_ip"]
         self.reachable_addrs = [a for a in welcome["reachable_addrs"] if isinstance(a, str)]
-        self._apply_ice(welcome["ice_servers"], welcome.get("ice_ttl"), source="welcome")
+        self.ice.apply(welcome["ice_servers"], welcome.get("ice_ttl"), source="welcome")
         self.heartbeat_interval = max(float(welcome["heartbeat_interval"]), 0.05)
         members = (Member.from_wire(m) for m in welcome["members"])
         new = {
@@ -378,30 +347,6 @@ class RendezvousClient:
             elif old[peer_id].addrs != member.addrs:
                 self.events.put_nowait(Left(peer_id, LeftReason.REPLACED))
                 self.events.put_nowait(Joined(member))
-
-    def _apply_ice(self, servers: list[Any], ice_ttl: float | None, *, source: str) -> bool:
-        """Take fresh ICE servers (from a welcome or an ``ice_servers`` answer) and schedule
-        their renewal; False (and the current ones kept) for an empty answer."""
-        fresh = [s for s in servers if isinstance(s, dict)]
-        if not fresh and self.ice_servers and source != "welcome":
-            log.warning("the rendezvous answered refresh_ice with no ICE servers; keeping ours")
-            return False
-        now_wall, now = time.time(), time.monotonic()
-        expires_at = now_wall + float(ice_ttl) if ice_ttl is not None else ice_expiry(fresh)
-        self.ice_servers = fresh
-        self.ice_expires_at = expires_at
-        if expires_at is None or ice_ttl is None:
-            # No expiry, or a rendezvous that did not say ice_ttl (so may not know
-            # refresh_ice): only a reconnect renews them.
-            self._ice_renew_at = None
-        else:
-            self._ice_lifetime = max(expires_at - now_wall, 0.0)
-            self._ice_renew_at = now + max(ICE_RENEW_AT * self._ice_lifetime, ICE_MIN_LIFETIME)
-        self._ice_changed.set()
-        log.debug("ICE servers from the %s: %d, %s", source, len(fresh),
-                  "no expiry" if expires_at is None
-                  else f"expire in {expires_at - now_wall:.1f} s")
-        return True
 
     def _on_message(self, data: bytes) -> None:
         try:
@@ -425,8 +370,8 @@ class RendezvousClient:
         elif msg_type is MsgType.SIGNAL:
             self._on_signal(fields)
         elif msg_type is MsgType.ICE_SERVERS:
-            if self._apply_ice(fields["ice_servers"], fields.get("ice_ttl"), source="refresh"):
-                self.ice_renewals += 1
+            if self.ice.apply(fields["ice_servers"], fields.get("ice_ttl"), source="refresh"):
+                self.ice.renewals += 1
         elif msg_type is MsgType.ERROR:
             if fields["code"] == ErrorCode.UNKNOWN_PEER:  # a race with "left", not our bug
                 log.info("signal not delivered: %s", fields["message"])
@@ -508,49 +453,27 @@ class RendezvousClient:
             await asyncio.sleep(self.heartbeat_interval)
             await self._send(encode(MsgType.HEARTBEAT))
 
-    async def _ice_loop(self) -> None:
-        """Renew the TURN credentials at ``ICE_RENEW_AT`` of their lifetime; on failure retry
-        with back-off (``backoff_initial`` doubling to ``backoff_max``, and never later than
-        a quarter of the time left), keeping the current ones meanwhile."""
-        delay = self.backoff_initial
-        while True:
-            renew_at = self._ice_renew_at
-            wait = None if renew_at is None else renew_at - time.monotonic()
-            if wait is None or wait > 0:
-                if await self._ice_changed_within(wait):
-                    delay = self.backoff_initial  # fresh ones: a new schedule
-                continue
-            if await self._refresh_ice():
-                delay = self.backoff_initial
-                continue
-            left = None if self.ice_expires_at is None else self.ice_expires_at - time.time()
-            retry = min(delay, self.backoff_max) * random.uniform(1.0, 1.5)
-            if left is not None and left > 0:
-                retry = min(retry, max(left / 4, 0.1))
-            log.warning("renewing the TURN credentials failed (%s); retry in %.1f s",
-                        f"they expire in {left:.1f} s" if left is not None and left > 0
-                        else "they have expired", retry)
-            self._ice_renew_at = time.monotonic() + retry
-            delay = min(delay * 2, self.backoff_max)
+    @property
+    def ice_servers(self) -> list[dict[str, Any]]:
+        """The ICE servers to use now (asked for every new WebRTC peer connection)."""
+        return self.ice.servers
 
-    async def _ice_changed_within(self, timeout: float | None) -> bool:
-        """Wait up to ``timeout`` seconds (None: forever) for new ICE servers; True if so."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._ice_changed.wait()
-        except TimeoutError:
-            return False
-        self._ice_changed.clear()
-        return True
+    @property
+    def ice_expires_at(self) -> float | None:
+        return self.ice.expires_at
+
+    @property
+    def ice_renewals(self) -> int:
+        return self.ice.renewals
 
     async def _refresh_ice(self) -> bool:
-        """One ``refresh_ice`` round trip; True once fresh servers came (``_apply_ice``)."""
-        self._ice_changed.clear()
+        """One ``refresh_ice`` round trip; True once fresh servers came."""
+        self.ice.changed.clear()
         if not await self._send(encode(MsgType.REFRESH_ICE)):
             return False
-        if await self._ice_changed_within(ICE_REFRESH_TIMEOUT):
+        if await self.ice.changed_within(ICE_REFRESH_TIMEOUT):
             log.info("TURN credentials renewed (expire in %.0f s)",
-                     (self.ice_expires_at or time.time()) - time.time())
+                     (self.ice.expires_at or time.time()) - time.time())
             return True
         return False
 
