@@ -31,6 +31,7 @@ from typing import ClassVar
 import zmq
 import zmq.asyncio
 
+from overlay.digest import SHA256, PrehashedPayloads, hash_available, submit_piece_hashes
 from overlay.errors import TransportError, WireError
 from overlay.identity import Identity, curve_public_key_from_ed25519
 from overlay.transport.base import (
@@ -51,16 +52,7 @@ from overlay.transport.zmq_split import (
     split_frames,
     split_groups,
 )
-from overlay.wire import (
-    SHA256,
-    FrameType,
-    Limits,
-    PrehashedPayloads,
-    decode_header,
-    hash_available,
-    nack_for,
-    submit_piece_hashes,
-)
+from overlay.wire import FrameType, Limits, decode_header, nack_for
 
 log = logging.getLogger(__name__)
 
