@@ -57,7 +57,7 @@ class Encoding(enum.StrEnum):
 Shape = tuple[int, ...]
 
 
-def _work_dtype(dtype: np.dtype) -> np.dtype:
+def work_dtype(dtype: np.dtype) -> np.dtype:
     """float64 stays float64; float16 and float32 are computed in float32."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
@@ -124,7 +124,7 @@ def _int8_nbytes(n: int, dtype: np.dtype, block: int) -> int:
 def _int8_encode(name: str, array: np.ndarray, block: int) -> memoryview:
     n = array.size
     n_blocks = _n_blocks(n, block)
-    work = _work_dtype(array.dtype)
+    work = work_dtype(array.dtype)
     blocks = np.zeros((n_blocks, block), dtype=work)  # the last block is padded with zeros
     blocks.reshape(-1)[:n] = array.reshape(-1)
     out = np.empty(n_blocks * _SCALE.itemsize + n, dtype=np.uint8)
@@ -160,19 +160,26 @@ def _int8_check(name: str, payload: memoryview | bytes, n: int, block: int) -> N
 
 def _int8_decode(payload: memoryview | bytes, dtype: np.dtype, shape: Shape,
                  block: int) -> np.ndarray:
-    n = math.prod(shape)
-    scales, codes = _int8_split(payload, n, block)
-    work = _work_dtype(dtype)
-    scales = scales.astype(work)
+    scales, codes = _int8_split(payload, math.prod(shape), block)
+    return dequantize_blocks(scales, codes, block, 127, dtype).reshape(shape)
+
+
+def dequantize_blocks(scales: np.ndarray, codes: np.ndarray, block: int, levels: int,
+                      dtype: np.dtype) -> np.ndarray:
+    """The 1-d array ``codes * scale / levels`` as ``dtype``, one scale per ``block`` codes
+    (blockwise absmax decoding; scales and codes already checked)."""
+    n = codes.size
+    work = work_dtype(dtype)
+    wscales = scales.astype(work)
     full = n // block * block
     out = np.empty(n, dtype=work)
-    # code * scale first, then / 127: exact enough even for subnormal scales
-    np.multiply(codes[:full].reshape(-1, block), scales[: full // block, None],
+    # code * scale first, then / levels: exact enough even for subnormal scales
+    np.multiply(codes[:full].reshape(-1, block), wscales[: full // block, None],
                 out=out[:full].reshape(-1, block))
     if full < n:
-        np.multiply(codes[full:], scales[-1], out=out[full:])
-    out /= 127
-    return out.astype(dtype, copy=False).reshape(shape)
+        np.multiply(codes[full:], wscales[-1], out=out[full:])
+    out /= levels
+    return out.astype(dtype, copy=False)
 
 
 # ---- the table ------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from overlay.codecs import FLOAT_DTYPES, MAX_BLOCK
+from overlay.codecs import FLOAT_DTYPES, MAX_BLOCK, dequantize_blocks, work_dtype
 from overlay.errors import WireError
 
 Shape = tuple[int, ...]
@@ -131,11 +131,6 @@ class Compressor(enum.StrEnum):
 _DEFAULT_BLOCK = {Compressor.INT8: 256, Compressor.Q4: 64, Compressor.TOPK_INT8: 256}
 _LEVELS = {Compressor.INT8: 127, Compressor.Q4: 7, Compressor.TOPK_INT8: 127}
 _VALUE_TYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
-
-
-def _work_dtype(dtype: np.dtype) -> np.dtype:
-    """float64 stays float64; float16 and float32 are computed in float32."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
 def _n_blocks(n: int, block: int) -> int:
@@ -180,7 +175,7 @@ def _quantize(name: str, flat: np.ndarray, block: int, levels: int,
     n_blocks = _n_blocks(n, block)
     if n == 0:
         return np.empty(0, _SCALE), np.empty(0, _CODE)
-    work = _work_dtype(flat.dtype)
+    work = work_dtype(flat.dtype)
     blocks = np.zeros((n_blocks, block), dtype=work)  # the last block is padded with zeros
     blocks.reshape(-1)[:n] = flat
     absmax = np.maximum(blocks.max(axis=1), -blocks.min(axis=1))  # NaN propagates
@@ -206,23 +201,6 @@ def _check_scales(name: str, scales: np.ndarray, dtype: np.dtype, levels: int) -
         and float(scales.max()) <= _scale_limit(dtype, levels)
     ):
         raise WireError("bad_payload", f"{name}: scales must be finite, >= 0 and fit {dtype}")
-
-
-def _dequantize(scales: np.ndarray, codes: np.ndarray, block: int, levels: int,
-                dtype: np.dtype) -> np.ndarray:
-    """The 1-d array ``codes * scale / levels`` as ``dtype`` (checked scales and codes)."""
-    n = codes.size
-    work = _work_dtype(dtype)
-    wscales = scales.astype(work)
-    full = n // block * block
-    out = np.empty(n, dtype=work)
-    # code * scale first, then / levels: exact enough even for subnormal scales
-    np.multiply(codes[:full].reshape(-1, block), wscales[: full // block, None],
-                out=out[:full].reshape(-1, block))
-    if full < n:
-        np.multiply(codes[full:], wscales[-1], out=out[full:])
-    out /= levels
-    return out.astype(dtype, copy=False)
 
 
 # ---- the codec ------------------------------------------------------------------------------
@@ -359,7 +337,7 @@ class DeltaCodec:
                     raise WireError("bad_payload", f"{name}: int8 code -128")
             else:
                 codes = _unpack_q4(name, payload, scales.nbytes, n)
-            return _dequantize(scales, codes, self.block, levels, np_dtype).reshape(shape)
+            return dequantize_blocks(scales, codes, self.block, levels, np_dtype).reshape(shape)
         return self._decode_topk(name, payload, n, np_dtype).reshape(shape)
 
     def _decode_topk(self, name: str, payload: bytes | memoryview, n: int,
@@ -377,7 +355,7 @@ class DeltaCodec:
             codes = np.frombuffer(payload, dtype=_CODE, offset=index.nbytes + scales.nbytes)
             if k and int(codes.min()) < -127:
                 raise WireError("bad_payload", f"{name}: int8 code -128")
-            kept = _dequantize(scales, codes, self.block, 127, dtype)
+            kept = dequantize_blocks(scales, codes, self.block, 127, dtype)
         else:
             values = np.frombuffer(payload, dtype=_VALUE_TYPES[self.values], offset=index.nbytes)
             limit = _FP16_MAX if dtype == np.float16 else math.inf
@@ -451,7 +429,7 @@ class ErrorFeedback:
         """
         array = np.asarray(delta)
         dtype = _float_dtype(name, array.dtype)
-        work = _work_dtype(dtype)
+        work = work_dtype(dtype)
         target = array.astype(work)  # a copy: becomes the new residual
         residual = self._residuals.get(name)
         if residual is not None:
